@@ -1,0 +1,562 @@
+"""CachedCollate: a DataLoader ``collate_fn`` that stacks or pads each output straight into its final buffer.
+
+Every tensor of a batch is written exactly once, into the buffer it is handed over in:
+
+- inside a DataLoader worker: shared memory (what the worker queue sends without copying it again,
+  the same trick as ``torch.utils.data.default_collate``);
+- in the main process with a CUDA target: pinned memory, then one ``non_blocking`` copy to the device;
+- otherwise: ordinary memory.
+
+Same-shape samples go through one ``torch.stack(..., out=...)``; ragged ones are copied into their
+slice of an output preallocated and filled with the pad value (no ``pad_sequence`` + copy).
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import json
+import logging
+import math
+import numbers
+from collections.abc import Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from operator import attrgetter, itemgetter
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+from torch.utils.data import get_worker_info
+
+__all__ = ["CachedCollate"]
+
+logger = logging.getLogger("cachedata")
+
+_Path = tuple[Any, ...]
+_SHAPE = attrgetter("shape")
+_DTYPE = attrgetter("dtype")
+_NONE_TYPE = type(None)
+_IS_CPU = attrgetter("is_cpu")
+_memmove = ctypes.memmove
+# Python numbers and the tensor dtype default_collate gives them (bool before int: bool is an int).
+_NUMBER_DTYPES: dict[type, torch.dtype] = {
+    bool: torch.bool,
+    int: torch.int64,
+    float: torch.float64,
+    complex: torch.complex128,
+}
+# numpy dtype -> torch dtype, filled lazily; None: torch has no such dtype (str, object, datetime).
+_NP_TO_TORCH: dict[np.dtype, torch.dtype | None] = {}
+_warned_no_cuda = False
+
+
+def _torch_dtype_of(np_dtype: np.dtype) -> torch.dtype | None:
+    """The torch dtype holding ``np_dtype`` (byte order aside), or None when torch has none."""
+    try:
+        return _NP_TO_TORCH[np_dtype]
+    except KeyError:
+        pass
+    try:
+        native = np_dtype.newbyteorder("=")
+        result: torch.dtype | None = torch.from_numpy(np.empty(0, dtype=native)).dtype
+    except (TypeError, ValueError, RuntimeError):
+        result = None
+    _NP_TO_TORCH[np_dtype] = result
+    return result
+
+
+def _fmt_path(path: _Path) -> str:
+    """``("x", 2)`` -> ``["x"][2]`` (JSON quoting for str keys, repr for the rest)."""
+    return "".join(f"[{json.dumps(k) if isinstance(k, str) else repr(k)}]" for k in path)
+
+
+def _where(index: int, path: _Path) -> str:
+    return f"sample {index} at {_fmt_path(path)}" if path else f"sample {index}"
+
+
+def _type_name(t: type) -> str:
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def _dtype_name(dtype: torch.dtype | np.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _first_mismatch(values: list[Any], ref: Any) -> int:
+    """Index of the first value that differs from ``ref`` (the caller knows there is one)."""
+    return next(i for i, v in enumerate(values) if v != ref)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Number) and not isinstance(value, np.ndarray)
+
+
+def _copy_rows(out: torch.Tensor, batch: list[torch.Tensor], lengths: Sequence[int]) -> None:
+    """Copy sample i to ``out[i, :lengths[i]]`` when only dimension 0 is ragged (token ids, frames).
+
+    Each such slot is one contiguous block of ``out``, so a plain dense CPU sample is one
+    ``memmove`` of its bytes: ~1 us a sample against several for torch indexing + ``copy_``,
+    which is what makes padding faster than ``pad_sequence``. Anything else (a subclass,
+    non-contiguous, conj/neg views, quantized) goes through :func:`_copy_slices`.
+    """
+    n = len(batch)
+    raw = (
+        not out.is_quantized
+        and out.is_contiguous()
+        and list(map(type, batch)).count(torch.Tensor) == n
+        and list(map(_IS_CPU, batch)).count(True) == n
+        and list(map(torch.Tensor.is_contiguous, batch)).count(True) == n
+        and list(map(torch.Tensor.is_neg, batch)).count(False) == n
+        and (not out.dtype.is_complex or list(map(torch.Tensor.is_conj, batch)).count(False) == n)
+    )
+    if not raw:
+        _copy_slices(out, batch, [(length,) for length in lengths], True)
+        return
+    itemsize = out.element_size()
+    row_bytes = out.stride(0) * itemsize
+    base = out.data_ptr()
+    sources = list(map(torch.Tensor.data_ptr, batch))
+    nbytes = [numel * itemsize for numel in map(torch.Tensor.numel, batch)]
+    for i, (src, count) in enumerate(zip(sources, nbytes, strict=True)):
+        if count:  # empty samples may have no storage at all
+            _memmove(base + i * row_bytes, src, count)
+
+
+def _copy_slices(
+    out: torch.Tensor, batch: list[Any], shapes: Sequence[Sequence[int]], dim0_only: bool
+) -> None:
+    """Copy sample i into ``out[i, :size0, :size1, ...]`` (any ragged dimensions).
+
+    numpy slice assignment costs well under a microsecond, torch indexing + ``copy_`` several,
+    so CPU samples go through a numpy view of ``out``; what numpy cannot view (bfloat16,
+    conj/neg views, tensors on a device or requiring grad) goes through torch.
+    """
+    out_np = None
+    if out.is_cpu:
+        try:
+            out_np = out.numpy()
+        except (RuntimeError, TypeError):  # bfloat16 and other dtypes numpy lacks
+            pass
+    for i, (sample, shape) in enumerate(zip(batch, shapes, strict=True)):
+        index = (i, slice(shape[0])) if dim0_only else (i, *map(slice, shape))
+        if out_np is not None:
+            if isinstance(sample, np.ndarray):
+                out_np[index] = sample
+                continue
+            try:
+                out_np[index] = sample.numpy()
+                continue
+            except (RuntimeError, TypeError):
+                pass
+        out[index] = torch.as_tensor(sample)
+
+
+def _validate_pad_value(pad_value: Any) -> float | dict[Any, float]:
+    if isinstance(pad_value, Mapping):
+        for key, value in pad_value.items():
+            if not _is_number(value):
+                raise TypeError(
+                    f"CachedCollate(pad_value=...): the pad value for key {key!r} is {value!r} "
+                    f"({type(value).__name__}); use a number such as 0, -100 or 0.0"
+                )
+        return dict(pad_value)
+    if not _is_number(pad_value):
+        raise TypeError(
+            f"CachedCollate(pad_value={pad_value!r}): expected a number, or a dict mapping sample "
+            f"keys to numbers (e.g. {{'input_ids': 0, 'labels': -100}}), got {type(pad_value).__name__}"
+        )
+    return pad_value
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Per-call decisions: where outputs are allocated and where they are sent."""
+
+    shared: bool  # inside a DataLoader worker: allocate in shared memory
+    pinned: bool  # main process: allocate in pinned memory
+    target: torch.device | None  # copy each output there (None: stay where allocated)
+    non_blocking: bool
+
+
+class CachedCollate:
+    """Collate a list of samples into a batch, stacking same-shape tensors and padding ragged ones.
+
+    Rules (see the README for examples):
+
+    - tensors and ndarrays of one shape are stacked; of different shapes (same number of
+      dimensions) they are padded at the end of each ragged dimension to the batch maximum,
+      rounded up to ``pad_to_multiple_of``, with ``pad_value``. Dimensions whose sizes all agree
+      are neither padded nor rounded, so a batch that needs no padding is stacked as is.
+    - ndarrays become tensors; ndarrays torch cannot hold (strings, objects) stay lists.
+    - Python numbers become tensors like ``default_collate`` (bool -> bool, int -> int64,
+      float -> float64, complex -> complex128); numpy scalars keep their dtype.
+    - str, bytes, None and any other object (PIL images included) stay lists.
+    - dict (key order of sample 0), tuple, namedtuple and list nesting is kept.
+    - In a dict, each padded tensor/ndarray value under a str key ``k`` also gets
+      ``k + "_lengths"``: int64 original sizes along the first dimension, unless the dict has
+      ``"attention_mask"``: then no ``_lengths`` keys are added and ``attention_mask`` is always
+      padded with 0. A key the sample already has is never overwritten.
+    - ``pad_value`` is a number, or a dict mapping the key a tensor is stored under (its nearest
+      enclosing dict key) to a number; keys not in the dict, and tensors outside any dict, use 0.
+
+    Collation is done under ``torch.no_grad()``: batches never carry autograd history.
+    """
+
+    def __init__(
+        self,
+        *,
+        pad_value: float | Mapping[Any, float] = 0,
+        pad_to_multiple_of: int | None = None,
+        device: str | torch.device | int | None = None,
+        pin_memory: bool | None = None,
+        non_blocking: bool = True,
+    ) -> None:
+        self.pad_value = _validate_pad_value(pad_value)
+        if pad_to_multiple_of is not None and (
+            isinstance(pad_to_multiple_of, bool)
+            or not isinstance(pad_to_multiple_of, numbers.Integral)
+            or pad_to_multiple_of < 1
+        ):
+            raise ValueError(
+                f"CachedCollate(pad_to_multiple_of={pad_to_multiple_of!r}): expected a positive int "
+                "such as 8 (or None to pad to the batch maximum)"
+            )
+        self.pad_to_multiple_of = None if pad_to_multiple_of is None else int(pad_to_multiple_of)
+        if device is None:
+            self.device: torch.device | None = None
+        else:
+            try:
+                self.device = torch.device(device)
+            except (RuntimeError, TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"CachedCollate(device={device!r}): not a device torch understands; use None, "
+                    f"'cpu', 'cuda', 'cuda:1' or a torch.device ({exc})"
+                ) from None
+        if pin_memory is not None and not isinstance(pin_memory, bool):
+            raise TypeError(f"CachedCollate(pin_memory={pin_memory!r}): expected None, True or False")
+        self.pin_memory = pin_memory
+        if not isinstance(non_blocking, bool):
+            raise TypeError(f"CachedCollate(non_blocking={non_blocking!r}): expected True or False")
+        self.non_blocking = non_blocking
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedCollate(pad_value={self.pad_value!r}, pad_to_multiple_of={self.pad_to_multiple_of!r}, "
+            f"device={None if self.device is None else str(self.device)!r}, "
+            f"pin_memory={self.pin_memory!r}, non_blocking={self.non_blocking!r})"
+        )
+
+    def __call__(self, samples: Sequence[Any]) -> Any:
+        """Same as :meth:`collate` (so an instance is a ``collate_fn``)."""
+        return self.collate(samples)
+
+    def collate(self, samples: Sequence[Any]) -> Any:
+        """Turn a list of samples of one structure into a batch (see the class docstring)."""
+        batch = samples if isinstance(samples, list) else list(samples)
+        if not batch:
+            raise ValueError("CachedCollate got an empty list of samples; a batch needs at least one")
+        with torch.no_grad():
+            return self._collate(batch, (), None, self._plan())
+
+    # -- where outputs go -------------------------------------------------------------------
+
+    def _plan(self) -> _Call:
+        if get_worker_info() is not None:
+            # CUDA cannot be used in a worker: collate into shared memory, DeviceLoader moves it.
+            return _Call(shared=True, pinned=False, target=None, non_blocking=False)
+        device = self.device
+        wants_cuda = device is not None and device.type == "cuda"
+        cuda = (wants_cuda or self.pin_memory is True) and torch.cuda.is_available()
+        if wants_cuda and not cuda:
+            global _warned_no_cuda
+            if not _warned_no_cuda:
+                _warned_no_cuda = True
+                logger.debug(
+                    "CachedCollate(device=%s): CUDA is not available, batches stay on the CPU", device
+                )
+        target = None
+        if device is not None and device.type != "cpu" and (not wants_cuda or cuda):
+            target = device
+        pinned = cuda and (self.pin_memory if self.pin_memory is not None else wants_cuda)
+        return _Call(shared=False, pinned=pinned, target=target, non_blocking=self.non_blocking)
+
+    @staticmethod
+    def _empty(shape: Sequence[int], dtype: torch.dtype, call: _Call) -> torch.Tensor:
+        """An uninitialized CPU output in shared, pinned or ordinary memory."""
+        if call.shared:
+            # Allocate straight in shared memory, like default_collate: the worker queue then
+            # sends a handle instead of copying the batch into shared memory a second time.
+            storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+            return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=call.pinned)
+
+    @staticmethod
+    def _send(out: torch.Tensor, call: _Call) -> torch.Tensor:
+        if call.target is None:
+            return out
+        return out.to(call.target, non_blocking=call.non_blocking)
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def _pad_for(self, key: Any) -> float:
+        """The pad value for a tensor stored under dict key ``key`` (None: outside any dict)."""
+        if key == "attention_mask":
+            return 0
+        if isinstance(self.pad_value, dict):
+            return self.pad_value.get(key, 0) if key is not None else 0
+        return self.pad_value
+
+    def _collate(self, batch: list[Any], path: _Path, key: Any, call: _Call) -> Any:
+        elem_type = type(batch[0])
+        self._check_types(batch, path)
+        if issubclass(elem_type, (torch.Tensor, np.ndarray)):
+            return self._array_leaf(batch, path, self._pad_for(key), call)[0]
+        if issubclass(elem_type, (str, bytes)) or elem_type is _NONE_TYPE:
+            return batch
+        if issubclass(elem_type, np.generic):
+            return self._numpy_scalars(batch, path, call)
+        number_dtype = _NUMBER_DTYPES.get(elem_type)
+        if number_dtype is None and issubclass(elem_type, numbers.Number):
+            number_dtype = next((d for t, d in _NUMBER_DTYPES.items() if issubclass(elem_type, t)), None)
+        if number_dtype is not None:
+            return self._numbers(batch, path, number_dtype, call)
+        if issubclass(elem_type, Mapping):
+            return self._mapping(batch, path, call)
+        if issubclass(elem_type, (tuple, list)):
+            return self._sequence(batch, path, key, call)
+        # PIL images and any other object: kept as a list, like str.
+        return batch
+
+    def _mapping(self, batch: list[Mapping[Any, Any]], path: _Path, call: _Call) -> Any:
+        elem = batch[0]
+        keys = elem.keys()
+        # Same length + every key of sample 0 present (checked while gathering) = same keys.
+        sizes = list(map(len, batch))
+        if sizes.count(sizes[0]) != len(batch):
+            self._raise_keys(batch, path)
+        # With an attention mask the model already knows the lengths: add no `_lengths` keys.
+        add_lengths = "attention_mask" not in keys
+        result: dict[Any, Any] = {}
+        for k in keys:
+            try:
+                column = list(map(itemgetter(k), batch))
+            except KeyError:
+                self._raise_keys(batch, path)
+            child = (*path, k)
+            if isinstance(column[0], (torch.Tensor, np.ndarray)):
+                self._check_types(column, child)
+                value, shapes = self._array_leaf(column, child, self._pad_for(k), call)
+                result[k] = value
+                if shapes is not None and add_lengths and isinstance(k, str):
+                    length_key = k + "_lengths"
+                    if length_key not in keys:
+                        lengths = self._empty((len(shapes),), torch.int64, call)
+                        lengths.numpy()[:] = [s[0] for s in shapes]
+                        result[length_key] = self._send(lengths, call)
+            else:
+                result[k] = self._collate(column, child, k, call)
+        if type(elem) is dict:
+            return result
+        try:
+            if isinstance(elem, MutableMapping):
+                # Keep the mapping type and its extra state (e.g. a HF BatchEncoding), like default_collate.
+                clone = copy.copy(elem)
+                clone.clear()
+                clone.update(result)
+                return clone
+            return type(elem)(result)
+        except (TypeError, ValueError, AttributeError):
+            return result
+
+    @staticmethod
+    def _raise_keys(batch: list[Mapping[Any, Any]], path: _Path) -> NoReturn:
+        keys = batch[0].keys()
+        i = next(i for i, d in enumerate(batch) if d.keys() != keys)
+        missing = [k for k in keys if k not in batch[i]]
+        extra = [k for k in batch[i] if k not in keys]
+        raise ValueError(
+            f"{_where(i, path)}: keys differ from sample 0's (missing {missing}, unexpected {extra}); "
+            "every sample of a batch needs the same keys"
+        )
+
+    def _sequence(self, batch: list[Sequence[Any]], path: _Path, key: Any, call: _Call) -> Any:
+        elem = batch[0]
+        sizes = list(map(len, batch))
+        if sizes.count(sizes[0]) != len(batch):
+            i = _first_mismatch(sizes, sizes[0])
+            raise ValueError(f"{_where(i, path)}: length {sizes[i]} differs from sample 0's {sizes[0]}")
+        columns = [
+            self._collate(list(column), (*path, j), key, call)
+            for j, column in enumerate(zip(*batch, strict=True))
+        ]
+        elem_type = type(elem)
+        if elem_type is tuple:
+            return tuple(columns)
+        if elem_type is list:
+            return columns
+        if isinstance(elem, tuple) and hasattr(elem, "_fields"):  # namedtuple
+            return elem_type(*columns)
+        try:
+            return elem_type(columns)
+        except (TypeError, ValueError):
+            return tuple(columns) if isinstance(elem, tuple) else columns
+
+    @staticmethod
+    def _check_types(batch: list[Any], path: _Path) -> None:
+        elem_type = type(batch[0])
+        types = list(map(type, batch))
+        if types.count(elem_type) != len(batch):
+            i = _first_mismatch(types, elem_type)
+            raise ValueError(
+                f"{_where(i, path)}: type {_type_name(types[i])} differs from sample 0's {_type_name(elem_type)}"
+            )
+
+    # -- leaves ------------------------------------------------------------------------------
+
+    def _numbers(self, batch: list[Any], path: _Path, dtype: torch.dtype, call: _Call) -> torch.Tensor:
+        out = self._empty((len(batch),), dtype, call)
+        try:
+            out.numpy()[:] = batch  # one C-level conversion straight into the output
+        except (OverflowError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{_fmt_path(path) or 'samples'}: numbers do not fit {_dtype_name(dtype)} ({exc})"
+            ) from None
+        return self._send(out, call)
+
+    def _numpy_scalars(self, batch: list[np.generic], path: _Path, call: _Call) -> Any:
+        np_dtype = batch[0].dtype
+        dtype = _torch_dtype_of(np_dtype)
+        if dtype is None:  # datetime64, void, object: nothing torch can hold
+            return batch
+        dtypes = list(map(_DTYPE, batch))
+        if dtypes.count(np_dtype) != len(batch):
+            i = _first_mismatch(dtypes, np_dtype)
+            raise ValueError(
+                f"{_where(i, path)}: dtype {_dtype_name(dtypes[i])} differs from sample 0's {_dtype_name(np_dtype)}"
+            )
+        out = self._empty((len(batch),), dtype, call)
+        out.numpy()[:] = batch
+        return self._send(out, call)
+
+    def _array_leaf(
+        self, batch: list[Any], path: _Path, pad: float, call: _Call
+    ) -> tuple[Any, list[tuple[int, ...]] | None]:
+        """Stack or pad tensors/ndarrays. Returns (batch tensor, sample shapes when padded else None)."""
+        elem = batch[0]
+        n = len(batch)
+        is_numpy = isinstance(elem, np.ndarray)
+        if is_numpy:
+            torch_dtype = _torch_dtype_of(elem.dtype)
+            if torch_dtype is None:  # arrays of str/object: nothing a tensor can hold
+                return batch, None
+        else:
+            torch_dtype = elem.dtype
+
+        dtypes = list(map(_DTYPE, batch))
+        if dtypes.count(elem.dtype) != n:
+            i = _first_mismatch(dtypes, elem.dtype)
+            raise ValueError(
+                f"{_where(i, path)}: dtype {_dtype_name(dtypes[i])} differs from sample 0's {_dtype_name(elem.dtype)}"
+            )
+        # Samples already on an accelerator are collated there (no shared/pinned memory).
+        on_device = not is_numpy and not elem.is_cpu
+
+        def empty(shape: Sequence[int]) -> torch.Tensor:
+            if on_device:
+                return torch.empty(tuple(shape), dtype=torch_dtype, device=elem.device)
+            return self._empty(shape, torch_dtype, call)
+
+        shapes: list[Any] | None = None
+        if is_numpy:
+            shapes = list(map(_SHAPE, batch))
+            same = shapes.count(shapes[0]) == n
+        else:
+            # A cheap guess (building every torch.Size costs ~0.2 us a sample); torch.stack
+            # checks all shapes and a ragged batch that slips through falls to the padding below.
+            same = elem.shape == batch[-1].shape
+        if same:  # fast path: one stack into the output
+            try:
+                if is_numpy:
+                    out = empty((n, *elem.shape))
+                    np.stack(batch, axis=0, out=out.numpy())
+                elif on_device or not (call.shared or call.pinned):
+                    # Ordinary memory: stack allocates the output itself, and its out= variant
+                    # is ~2x slower for many small tensors (it unsqueezes each input first).
+                    out = torch.stack(batch, 0)
+                else:
+                    out = empty((n, *elem.shape))
+                    torch.stack(batch, 0, out=out)
+                return self._send(out, call), None
+            except RuntimeError:
+                if on_device:
+                    self._diagnose_devices(batch, path)
+                shapes = list(map(_SHAPE, batch))
+                if shapes.count(shapes[0]) == n:
+                    raise
+                # ragged after all: pad below
+        if shapes is None:
+            shapes = list(map(_SHAPE, batch))
+
+        shape0 = shapes[0]
+        ndim = len(shape0)
+        ndims = list(map(len, shapes))
+        if ndims.count(ndim) != n:
+            i = _first_mismatch(ndims, ndim)
+            raise ValueError(
+                f"{_where(i, path)}: {ndims[i]} dimensions (shape {tuple(shapes[i])}) differ from sample 0's "
+                f"{ndim} (shape {tuple(shape0)}); only sizes may differ, not the number of dimensions"
+            )
+        if on_device:
+            self._diagnose_devices(batch, path)
+        columns = list(zip(*shapes, strict=True))
+        size = list(map(max, columns))
+        ragged = [d for d, sizes in enumerate(columns) if min(sizes) != size[d]]
+        if self.pad_to_multiple_of is not None:
+            m = self.pad_to_multiple_of
+            for d in ragged:
+                size[d] = -(-size[d] // m) * m
+        self._check_pad(pad, torch_dtype, path)
+
+        out = empty((n, *size))
+        out.fill_(pad)
+        if ragged == [0] and not is_numpy and out.is_cpu:
+            _copy_rows(out, batch, columns[0])
+        else:
+            _copy_slices(out, batch, shapes, ragged == [0])
+        return self._send(out, call), shapes
+
+    @staticmethod
+    def _check_pad(pad: float, dtype: torch.dtype, path: _Path) -> None:
+        """Refuse a pad value the output dtype would silently change (1.5 into int64, 2 into bool)."""
+        where = _fmt_path(path) or "the batch"
+        if dtype.is_complex:
+            return
+        if isinstance(pad, complex) and pad.imag != 0:
+            raise ValueError(
+                f"pad value {pad!r} for {where} is complex but the tensors are {_dtype_name(dtype)}"
+            )
+        if dtype.is_floating_point:
+            return
+        if dtype == torch.bool:
+            if pad not in (0, 1):
+                raise ValueError(
+                    f"pad value {pad!r} for {where} does not fit bool tensors; use 0/False or 1/True"
+                )
+            return
+        if isinstance(pad, float) and not pad.is_integer():
+            raise ValueError(
+                f"pad value {pad!r} for {where} is not an integer but the tensors are {_dtype_name(dtype)}; "
+                "pass an integer pad value for this key"
+            )
+        info = torch.iinfo(dtype)
+        if not info.min <= pad <= info.max:
+            raise ValueError(
+                f"pad value {pad!r} for {where} is outside {_dtype_name(dtype)}'s range [{info.min}, {info.max}]"
+            )
+
+    @staticmethod
+    def _diagnose_devices(batch: list[torch.Tensor], path: _Path) -> None:
+        devices = [t.device for t in batch]
+        if devices.count(devices[0]) != len(devices):
+            i = _first_mismatch(devices, devices[0])
+            raise ValueError(f"{_where(i, path)}: device {devices[i]} differs from sample 0's {devices[0]}")

@@ -1,0 +1,523 @@
+"""CachedDataset: memoize a map-style dataset's deterministic transform on disk."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
+
+from . import schema as schema_mod
+from ._version import __version__
+from .fingerprint import fingerprint
+from .namespace import MAX_SHARDS, Identity, ReadOnly, Store
+from .stats import CacheStats, Counters
+
+logger = logging.getLogger("cachedata")
+
+_COMPRESSIONS = (None, "gzip", "lzf")
+
+
+def default_cache_dir() -> Path:
+    """``$CACHEDATA_HOME``, else ``~/.cache/cachedata``."""
+    env = os.environ.get("CACHEDATA_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "cachedata"
+
+
+class CachedDataset(Dataset):
+    """A map-style dataset whose items are ``post_transform(transform(dataset[i]))``, with the
+    ``transform(dataset[i])`` part computed once and memoized in HDF5 files under ``cache_dir``.
+
+    Items are shared between CachedDatasets whose dataset, transform and ``version``
+    fingerprints match (the *namespace*); anything else gets its own folder, so stale data is
+    never served. A ``Subset`` is unwrapped so that folds of one dataset share one cache.
+    Works under DataLoader workers (fork, spawn, forkserver, persistent) and torch.distributed.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        cache_dir: str | os.PathLike | None = None,
+        *,
+        transform: Callable[[Any], Any] | None = None,
+        post_transform: Callable[[Any], Any] | None = None,
+        key: Callable[[int], str | int] | None = None,
+        version: str | None = None,
+        compression: str | None = None,
+        allow_random: bool = False,
+    ) -> None:
+        _check_map_style(dataset)
+        for name, fn in (("transform", transform), ("post_transform", post_transform), ("key", key)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"CachedDataset: {name} must be callable or None, got {type(fn).__name__}")
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"CachedDataset: version must be a str, got {type(version).__name__} {version!r}")
+        if compression not in _COMPRESSIONS:
+            raise ValueError(
+                f"CachedDataset: compression must be one of {_COMPRESSIONS}, got {compression!r}"
+            )
+        self.dataset = dataset
+        self.transform = transform
+        self.post_transform = post_transform
+        self.key = key
+        self.version = version
+        self.compression = compression
+        self.allow_random = bool(allow_random)
+        self._base, self._indices = _unwrap(dataset)
+        self._len = len(dataset)
+        self._base_len = len(self._base)
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+
+        dataset_fp = _fingerprint_part(self._base, "dataset", fallback=version is not None or key is not None)
+        transform_fp = _fingerprint_part(transform, "transform", fallback=version is not None)
+        self.fingerprint: str = fingerprint(
+            {
+                "cachedata_format": 1,
+                "dataset": dataset_fp,
+                "transform": transform_fp,
+                "version": version,
+                "key": "index" if key is None else "custom",
+            }
+        )
+        self.path: Path = self.cache_dir / self.fingerprint
+        self._store = Store(
+            self.path,
+            self.fingerprint,
+            compression=compression,
+            dense_size=self._base_len if key is None else None,
+        )
+        self._counters = Counters()
+        self._rank = _current_rank()
+        self._main_pid = os.getpid()
+        self._all_keys: np.ndarray | None = None
+        self._warned_readonly = False
+        try:
+            self._store.create(self._meta(dataset_fp, transform_fp))
+        except ReadOnly as exc:
+            self._read_only(exc)
+
+    # -- Dataset protocol -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        if os.getpid() == self._main_pid and get_worker_info() is None:
+            # Samplers call len() at the start of every epoch: a cheap moment (one directory
+            # listing) for the main process to pick up its workers' shards and to merge a
+            # namespace that has become complete.
+            self._housekeeping()
+        return self._len
+
+    def __getitem__(self, index: int) -> Any:
+        return self._get([index], single=True)[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """Batched fetch (used by DataLoader): one index lookup for all, misses computed once."""
+        return self._get(indices, single=False)
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counters of this process and its DataLoader workers."""
+        return self._counters.snapshot()
+
+    @property
+    def num_cached(self) -> int:
+        """Items present on disk (or buffered by this process) and readable here."""
+        store = self._store
+        store.refresh()
+        on_disk = store.index.count if store.index is not None else 0
+        return on_disk + sum(1 for k in store.pending if store.lookup(k) < 0)
+
+    def is_cached(self, index: int) -> bool:
+        """True when item ``index`` would be served without computing it."""
+        key = self._key_of(self._base_index(index))
+        store = self._store
+        store.check_pid()
+        if key in store.pending or store.lookup(key) >= 0:
+            return True
+        store.refresh()
+        return store.lookup(key) >= 0
+
+    def flush(self) -> None:
+        """Seal this process's buffered writes so that other processes can read them."""
+        n, nbytes = self._store.seal(self._identity())
+        self._count_writes(n, nbytes)
+
+    def merge(self) -> bool:
+        """Consolidate every shard into one merged file; True when a new file was written.
+
+        Collective under torch.distributed: every rank calls it, global rank 0 merges while
+        the others wait, then every rank reads the merged file.
+        """
+        self.flush()
+        dist = torch.distributed
+        distributed = dist.is_available() and dist.is_initialized()
+        if distributed:
+            dist.barrier()  # every rank's shards are sealed before rank 0 looks
+        merged = self._store.merge(self._identity()) if _current_rank() == 0 else False
+        if distributed:
+            dist.barrier()  # nobody reads on until the merged file is in place
+        self._store.refresh()
+        return merged
+
+    def warm(
+        self, num_workers: int | None = None, batch_size: int | None = None, progress: bool = True
+    ) -> None:
+        """Compute every missing item in parallel DataLoader workers, then merge.
+
+        ``num_workers`` defaults to the number of CPUs (at most 8), ``batch_size`` to 64.
+        """
+        from .warm import warm
+
+        warm(self, num_workers=num_workers, batch_size=batch_size, progress=progress)
+
+    def clear(self) -> None:
+        """Delete this namespace from disk (every process's view of it becomes empty)."""
+        import shutil
+
+        self._store.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._store = Store(
+            self.path, self.fingerprint, compression=self.compression, dense_size=self._store.dense_size
+        )
+        try:
+            self._store.create(self._store.meta() or {"fingerprint": self.fingerprint})
+        except ReadOnly:
+            pass
+
+    def __repr__(self) -> str:
+        return (
+            f"CachedDataset({type(self.dataset).__name__}, len={self._len}, path={str(self.path)!r}, "
+            f"transform={self.transform!r})"
+        )
+
+    def __cachedata_fingerprint__(self) -> str:
+        return self.fingerprint
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_rank"] = _current_rank(default=self._rank)  # workers cannot ask torch.distributed
+        state["_all_keys"] = None
+        return state
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _identity(self) -> Identity:
+        info = get_worker_info()
+        if info is None and os.getpid() == self._main_pid:
+            self._rank = _current_rank(default=self._rank)
+        return Identity(self._rank, None if info is None else info.id, os.getpid())
+
+    def _base_index(self, index: int) -> int:
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
+                index = int(index)
+            else:
+                raise TypeError(
+                    f"CachedDataset indices must be integers, got {type(index).__name__} {index!r}"
+                )
+        i = int(index)
+        n = self._len
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"CachedDataset index {index} out of range for length {n}")
+        return int(self._indices[i]) if self._indices is not None else i
+
+    def _key_of(self, base_index: int) -> int:
+        if self.key is None:
+            return base_index
+        return _key_to_int(self.key(base_index), base_index)
+
+    def _get(self, indices: Sequence[int], *, single: bool, post: bool = True) -> list[Any]:
+        store = self._store
+        store.check_pid()
+        base = [self._base_index(i) for i in indices]
+        keys = [self._key_of(b) for b in base]
+        out: list[Any] = [None] * len(keys)
+        todo = list(range(len(keys)))  # positions still missing
+        t0 = time.perf_counter()
+        nbytes = 0
+        if store.index is None:
+            store.refresh()
+        for attempt in range(2):
+            # Second attempt: only after loading files that other processes sealed meanwhile.
+            if attempt and not store.refresh():
+                break
+            missing, hit_pos, hit_rows = [], [], []
+            for p in todo:
+                r = store.lookup(keys[p])
+                if r >= 0:
+                    hit_pos.append(p)
+                    hit_rows.append(r)
+                elif keys[p] in store.pending:
+                    enc = store.pending[keys[p]][0]
+                    out[p] = store.decoder.decode(bytearray(enc.payload), 0, enc.slots)
+                    nbytes += len(enc.payload)
+                else:
+                    missing.append(p)
+            if hit_pos:
+                for p, got in zip(hit_pos, store.read(hit_rows, [keys[p] for p in hit_pos])):
+                    if got is None:
+                        missing.append(p)  # failed its checksum: recompute
+                    else:
+                        out[p] = store.decoder.decode(got[0], 0, got[1])
+                        nbytes += len(got[0])
+            todo = missing
+            if not todo:
+                break
+        hits = len(keys) - len(todo)
+        t1 = time.perf_counter()
+        compute = 0.0
+        if todo:
+            compute = self._compute_into(out, todo, base, keys, indices)
+        row = self._row()
+        self._counters.add(row, hits=hits, misses=len(todo), bytes_read=nbytes, compute_seconds=compute,
+                           read_seconds=t1 - t0)  # fmt: skip
+        if todo or store.pending:
+            self._after_writes(single=single)
+        if hits:
+            store.touch()
+        if post and self.post_transform is not None:
+            out = [self.post_transform(x) for x in out]
+        return out
+
+    def _compute_into(
+        self, out: list[Any], todo: list[int], base: list[int], keys: list[int], indices: Sequence[int]
+    ) -> float:
+        """Compute missing items, buffer them for writing, and put fresh copies into ``out``."""
+        store = self._store
+        t = time.perf_counter()
+        values = [self._compute_one(base[p], indices[p]) for p in todo]
+        batch = getattr(self.transform, "batch", None)
+        if self.transform is not None and callable(batch):
+            values = self._checked(lambda: batch(values), "transform.batch", indices[todo[0]])
+            if not isinstance(values, list) or len(values) != len(todo):
+                raise TypeError(
+                    f"transform.batch must return a list of {len(todo)} items, got {type(values).__name__}"
+                )
+        elif self.transform is not None:
+            values = [
+                self._checked(lambda v=v: self.transform(v), "transform", indices[p])
+                for v, p in zip(values, todo)
+            ]
+        elapsed = time.perf_counter() - t
+        ident = self._identity()
+        for p, v in zip(todo, values):
+            try:
+                enc = schema_mod.encode(v)
+            except schema_mod._Unstorable as exc:
+                raise TypeError(f"item {indices[p]} {exc}") from None
+            diff = store.check_schema(enc)
+            if diff:
+                raise ValueError(
+                    f"item {indices[p]} {diff}; every item of a namespace must have the same structure "
+                    "and dtypes (items already cached are kept)"
+                )
+            store.put(keys[p], enc, ident)
+            out[p] = store.decoder.decode(bytearray(enc.payload), 0, enc.slots)
+        return elapsed
+
+    def _compute_one(self, base_index: int, index: int) -> Any:
+        return self._checked(lambda: self._base[base_index], "dataset[i]", index)
+
+    def _checked(self, fn: Callable[[], Any], what: str, index: int) -> Any:
+        """Run ``fn``; on the first misses, fail if it drew from a global random generator."""
+        store = self._store
+        if self.allow_random or store.rng_checks_left <= 0:
+            return fn()
+        store.rng_checks_left -= 1
+        before = _rng_states()
+        result = fn()
+        if not _same_rng(before, _rng_states()):
+            raise RuntimeError(
+                f"item {index}: {what} drew random numbers from the global random generator "
+                f"({_which_rng(before, _rng_states())}), so its cached output would be stale. "
+                "Move random augmentation to post_transform=, or pass allow_random=True if it seeds itself."
+            )
+        return result
+
+    def _row(self) -> int:
+        info = get_worker_info()
+        return 0 if info is None else 1 + info.id
+
+    def _after_writes(self, *, single: bool) -> None:
+        store = self._store
+        in_worker = get_worker_info() is not None
+        if (in_worker and not single) or store.should_seal(worker=in_worker):
+            # A worker seals every batch: another worker may be asked for these items in the
+            # next epoch (persistent workers never exit between epochs).
+            n, nbytes = store.seal(self._identity())
+            self._count_writes(n, nbytes)
+            if not in_worker:
+                self._housekeeping()
+
+    def _count_writes(self, n: int, nbytes: int) -> None:
+        if n:
+            self._counters.add(self._row(), writes=n, bytes_written=nbytes)
+
+    def _housekeeping(self) -> None:
+        """Main process only: load new shards, and merge when complete or fragmented."""
+        if get_worker_info() is not None or os.getpid() != self._main_pid or _current_rank(default=0) != 0:
+            return
+        store = self._store
+        store.refresh()
+        if store.index is None or not store.writable:
+            return
+        _, shards = store.file_count()
+        if shards == 0:
+            return
+        if shards >= MAX_SHARDS or self._complete():
+            try:
+                store.merge(self._identity(), wait=0.0)
+            except OSError as exc:
+                store.disable_writes(exc)
+
+    def _complete(self) -> bool:
+        store = self._store
+        if store.index is None or store.index.count < self._base_len:
+            return False
+        if self.key is None:
+            return True
+        if self._all_keys is None:
+            self._all_keys = np.asarray([self._key_of(i) for i in range(self._base_len)], np.int64)
+        return bool((store.index.rows(self._all_keys) >= 0).all())
+
+    def _read_only(self, exc: BaseException) -> None:
+        self._store.writable = False
+        store = self._store
+        store.refresh()
+        complete = store.index is not None and self._complete()
+        if not complete:
+            logger.warning(
+                "cachedata: %s is not writable (%s); missing items are computed but not stored",
+                self.path,
+                exc,
+            )
+
+    def _meta(self, dataset_fp: str, transform_fp: str) -> dict:
+        import h5py
+
+        return {
+            "cachedata_format": 1,
+            "fingerprint": self.fingerprint,
+            "created": time.time(),
+            "dataset": {"type": _qualname(self._base), "len": self._base_len, "fingerprint": dataset_fp},
+            "transform": {"repr": repr(self.transform)[:2000], "fingerprint": transform_fp},
+            "version": self.version,
+            "key": "index" if self.key is None else "custom",
+            "versions": {
+                "cachedata": __version__,
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "numpy": np.__version__,
+                "h5py": h5py.__version__,
+            },
+        }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _check_map_style(dataset: Any) -> None:
+    if isinstance(dataset, IterableDataset):
+        raise TypeError(
+            f"CachedDataset needs a map-style dataset, got the IterableDataset {_qualname(dataset)}; "
+            "wrap a dataset that has __len__ and __getitem__(int)"
+        )
+    missing = [m for m in ("__len__", "__getitem__") if not callable(getattr(type(dataset), m, None))]
+    if missing:
+        raise TypeError(
+            f"CachedDataset needs a map-style dataset with __len__ and __getitem__(int); "
+            f"{_qualname(dataset)} has no {' or '.join(missing)}"
+        )
+
+
+def _unwrap(dataset: Any) -> tuple[Any, np.ndarray | None]:
+    """Peel Subsets off: (base dataset, base indices of this dataset's items or None)."""
+    indices: np.ndarray | None = None
+    while isinstance(dataset, Subset):
+        inner = np.asarray(
+            list(dataset.indices) if not isinstance(dataset.indices, np.ndarray) else dataset.indices
+        )
+        if inner.size and not np.issubdtype(inner.dtype, np.integer):
+            raise TypeError(f"Subset indices must be integers, got dtype {inner.dtype}")
+        inner = inner.astype(np.int64).reshape(-1)
+        n = len(dataset.dataset)
+        inner = np.where(inner < 0, inner + n, inner)
+        if inner.size and (inner.min() < 0 or inner.max() >= n):
+            raise IndexError(f"Subset index out of range for its dataset of length {n}")
+        indices = inner if indices is None else inner[indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> str:
+    try:
+        return fingerprint(obj)
+    except TypeError as exc:
+        if not fallback:
+            hint = (
+                "version='...' (bump it when the data changes) or key="
+                if what == "dataset"
+                else "version='...'"
+            )
+            raise TypeError(
+                f"CachedDataset cannot fingerprint the {what} deterministically: {exc}. "
+                f"Pass {hint} to name the namespace yourself"
+            ) from None
+        logger.info("cachedata: %s is named by its type and version= (%s)", what, exc)
+        return fingerprint({"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None})
+
+
+def _qualname(obj: Any) -> str:
+    t = type(obj)
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def _key_to_int(k: Hashable, base_index: int) -> int:
+    """Map a user key to int64: ints as themselves, str (and big ints) through xxh3-64."""
+    import xxhash
+
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and -(2**63) <= int(k) < 2**63:
+        return int(k)
+    if isinstance(k, (str, int, np.integer)) and not isinstance(k, bool):
+        h = xxhash.xxh3_64_intdigest(f"{type(k).__name__}:{k}".encode("utf-8", "surrogatepass"))
+        return h - (1 << 64) if h >= 1 << 63 else h
+    raise TypeError(f"key({base_index}) returned {type(k).__name__} {k!r}; key= must return a str or an int")
+
+
+def _current_rank(default: int = 0) -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return default
+
+
+def _rng_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+
+
+def _same_rng(a: tuple, b: tuple) -> bool:
+    return (
+        a[0] == b[0] and a[1][2:] == b[1][2:] and np.array_equal(a[1][1], b[1][1]) and torch.equal(a[2], b[2])
+    )
+
+
+def _which_rng(a: tuple, b: tuple) -> str:
+    names = []
+    if a[0] != b[0]:
+        names.append("random")
+    if not (a[1][2:] == b[1][2:] and np.array_equal(a[1][1], b[1][1])):
+        names.append("numpy.random")
+    if not torch.equal(a[2], b[2]):
+        names.append("torch")
+    return ", ".join(names) or "unknown"

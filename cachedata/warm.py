@@ -1,0 +1,86 @@
+"""CachedDataset.warm(): fill a cache ahead of training with parallel DataLoader workers."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .namespace import _progress
+
+if TYPE_CHECKING:
+    from .dataset import CachedDataset
+
+
+class _Filler(Dataset):
+    """Computes and stores items without decoding them for anyone: returns a count."""
+
+    def __init__(self, ds: CachedDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds._indices) if self.ds._indices is not None else self.ds._len
+
+    def __getitem__(self, index: int) -> int:
+        return len(self.__getitems__([index]))
+
+    def __getitems__(self, indices: list[int]) -> list[int]:
+        self.ds._get(indices, single=False, post=False)
+        return [1] * len(indices)
+
+
+def _count(batch: list[int]) -> int:
+    return len(batch)
+
+
+def missing_positions(ds: CachedDataset) -> np.ndarray:
+    """Positions ``i`` (in ``0..len(ds)-1``) whose item is not cached yet."""
+    store = ds._store
+    store.refresh()
+    positions = np.arange(ds._len, dtype=np.int64)
+    base = ds._indices if ds._indices is not None else positions
+    keys = base if ds.key is None else np.asarray([ds._key_of(int(b)) for b in base], np.int64)
+    if store.index is None:
+        have = np.zeros(len(keys), bool)
+    else:
+        have = store.index.rows(keys) >= 0
+    if store.pending:
+        have |= np.isin(keys, np.fromiter(store.pending.keys(), np.int64, len(store.pending)))
+    # One position per key: folds of a Subset may repeat a base index.
+    _, first = np.unique(keys[~have], return_index=True)
+    return np.sort(positions[~have][first])
+
+
+def warm(ds: CachedDataset, *, num_workers: int | None, batch_size: int | None, progress: bool) -> None:
+    """Compute every missing item (this rank's share under torch.distributed), then merge."""
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    ds.flush()
+    todo = missing_positions(ds)[rank::world]
+    if num_workers is None:
+        num_workers = min(8, os.cpu_count() or 1)
+    if batch_size is None:
+        batch_size = 64
+    if num_workers < 0 or batch_size < 1:
+        raise ValueError(
+            f"warm(): num_workers must be >= 0 and batch_size >= 1, got {num_workers}, {batch_size}"
+        )
+    bar = _progress(len(todo), "cachedata warm", progress and rank == 0)
+    try:
+        if len(todo):
+            loader = DataLoader(
+                _Filler(ds),
+                batch_size=batch_size,
+                sampler=todo.tolist(),
+                num_workers=min(num_workers, max(1, len(todo) // batch_size)) if num_workers else 0,
+                collate_fn=_count,
+            )
+            for n in loader:
+                bar.update(n)
+    finally:
+        bar.close()
+    ds.merge()

@@ -7,8 +7,9 @@ Every tensor of a batch is written exactly once, into the buffer it is handed ov
 - in the main process with a CUDA target: pinned memory, then one ``non_blocking`` copy to the device;
 - otherwise: ordinary memory.
 
-Same-shape samples go through one ``torch.stack(..., out=...)``; ragged ones are copied into their
-slice of an output preallocated and filled with the pad value (no ``pad_sequence`` + copy).
+Same-shape samples go through one ``torch.stack`` (``out=`` the shared or pinned buffer); ragged
+ones are copied into their slice of an output preallocated and filled with the pad value (no
+``pad_sequence`` + copy).
 """
 
 from __future__ import annotations
@@ -44,6 +45,12 @@ _NUMBER_DTYPES: dict[type, torch.dtype] = {
     int: torch.int64,
     float: torch.float64,
     complex: torch.complex128,
+}
+_TORCH_TO_NP: dict[torch.dtype, type] = {
+    torch.bool: np.bool_,
+    torch.int64: np.int64,
+    torch.float64: np.float64,
+    torch.complex128: np.complex128,
 }
 # numpy dtype -> torch dtype, filled lazily; None: torch has no such dtype (str, object, datetime).
 _NP_TO_TORCH: dict[np.dtype, torch.dtype | None] = {}
@@ -181,7 +188,7 @@ class _Call:
 class CachedCollate:
     """Collate a list of samples into a batch, stacking same-shape tensors and padding ragged ones.
 
-    Rules (see the README for examples):
+    Use an instance as a DataLoader ``collate_fn`` (it pickles, so spawn workers work). Rules:
 
     - tensors and ndarrays of one shape are stacked; of different shapes (same number of
       dimensions) they are padded at the end of each ragged dimension to the batch maximum,
@@ -195,9 +202,16 @@ class CachedCollate:
     - In a dict, each padded tensor/ndarray value under a str key ``k`` also gets
       ``k + "_lengths"``: int64 original sizes along the first dimension, unless the dict has
       ``"attention_mask"``: then no ``_lengths`` keys are added and ``attention_mask`` is always
-      padded with 0. A key the sample already has is never overwritten.
+      padded with 0. A key the sample already has is never overwritten. A batch in which
+      ``k`` needs no padding (equal sizes, or a single sample) gets no ``k + "_lengths"``.
     - ``pad_value`` is a number, or a dict mapping the key a tensor is stored under (its nearest
       enclosing dict key) to a number; keys not in the dict, and tensors outside any dict, use 0.
+
+    Where outputs go: inside a DataLoader worker, into shared memory (``device`` is ignored
+    there; move batches with :class:`~cachedata.DeviceLoader`); in the main process with a CUDA
+    ``device``, into pinned memory, then copied with ``non_blocking``; ``pin_memory=True`` pins
+    even without a ``device``. Without CUDA (or with ``device`` None/"cpu") nothing is pinned and
+    batches stay on the CPU, silently.
 
     Collation is done under ``torch.no_grad()``: batches never carry autograd history.
     """
@@ -308,9 +322,9 @@ class CachedCollate:
 
     def _collate(self, batch: list[Any], path: _Path, key: Any, call: _Call) -> Any:
         elem_type = type(batch[0])
-        self._check_types(batch, path)
         if issubclass(elem_type, (torch.Tensor, np.ndarray)):
             return self._array_leaf(batch, path, self._pad_for(key), call)[0]
+        self._check_types(batch, path)
         if issubclass(elem_type, (str, bytes)) or elem_type is _NONE_TYPE:
             return batch
         if issubclass(elem_type, np.generic):
@@ -344,15 +358,12 @@ class CachedCollate:
                 self._raise_keys(batch, path)
             child = (*path, k)
             if isinstance(column[0], (torch.Tensor, np.ndarray)):
-                self._check_types(column, child)
                 value, shapes = self._array_leaf(column, child, self._pad_for(k), call)
                 result[k] = value
                 if shapes is not None and add_lengths and isinstance(k, str):
                     length_key = k + "_lengths"
                     if length_key not in keys:
-                        lengths = self._empty((len(shapes),), torch.int64, call)
-                        lengths.numpy()[:] = [s[0] for s in shapes]
-                        result[length_key] = self._send(lengths, call)
+                        result[length_key] = self._values([s[0] for s in shapes], torch.int64, call)
             else:
                 result[k] = self._collate(column, child, k, call)
         if type(elem) is dict:
@@ -413,30 +424,30 @@ class CachedCollate:
 
     # -- leaves ------------------------------------------------------------------------------
 
+    def _values(self, values: list[Any], dtype: torch.dtype, call: _Call) -> torch.Tensor:
+        """A 1-D tensor of Python/numpy scalars, converted by numpy in one C loop (no torch.tensor)."""
+        if call.shared or call.pinned:
+            out = self._empty((len(values),), dtype, call)
+            out.numpy()[:] = values
+        else:
+            np_dtype = _TORCH_TO_NP.get(dtype) or torch.empty(0, dtype=dtype).numpy().dtype
+            out = torch.from_numpy(np.fromiter(values, dtype=np_dtype, count=len(values)))
+        return self._send(out, call)
+
     def _numbers(self, batch: list[Any], path: _Path, dtype: torch.dtype, call: _Call) -> torch.Tensor:
-        out = self._empty((len(batch),), dtype, call)
         try:
-            out.numpy()[:] = batch  # one C-level conversion straight into the output
+            return self._values(batch, dtype, call)
         except (OverflowError, TypeError, ValueError) as exc:
             raise ValueError(
                 f"{_fmt_path(path) or 'samples'}: numbers do not fit {_dtype_name(dtype)} ({exc})"
             ) from None
-        return self._send(out, call)
 
     def _numpy_scalars(self, batch: list[np.generic], path: _Path, call: _Call) -> Any:
-        np_dtype = batch[0].dtype
-        dtype = _torch_dtype_of(np_dtype)
+        # One numpy scalar type is one dtype (the type check ran): no per-sample dtype check.
+        dtype = _torch_dtype_of(batch[0].dtype)
         if dtype is None:  # datetime64, void, object: nothing torch can hold
             return batch
-        dtypes = list(map(_DTYPE, batch))
-        if dtypes.count(np_dtype) != len(batch):
-            i = _first_mismatch(dtypes, np_dtype)
-            raise ValueError(
-                f"{_where(i, path)}: dtype {_dtype_name(dtypes[i])} differs from sample 0's {_dtype_name(np_dtype)}"
-            )
-        out = self._empty((len(batch),), dtype, call)
-        out.numpy()[:] = batch
-        return self._send(out, call)
+        return self._values(batch, dtype, call)
 
     def _array_leaf(
         self, batch: list[Any], path: _Path, pad: float, call: _Call
@@ -451,9 +462,20 @@ class CachedCollate:
                 return batch, None
         else:
             torch_dtype = elem.dtype
+            if elem.layout is not torch.strided or elem.is_nested:
+                raise TypeError(
+                    f"{_fmt_path(path) or 'samples'}: {elem.layout} tensors cannot be batched; "
+                    "convert them with .to_dense() in the dataset or transform"
+                )
 
-        dtypes = list(map(_DTYPE, batch))
+        # The dtype check also stands in for a type check (1 attribute read a sample): on a
+        # mismatch, or a sample without a dtype, the types are compared first for the best error.
+        try:
+            dtypes = list(map(_DTYPE, batch))
+        except AttributeError:
+            dtypes = []  # some sample has no dtype: _check_types raises below
         if dtypes.count(elem.dtype) != n:
+            self._check_types(batch, path)
             i = _first_mismatch(dtypes, elem.dtype)
             raise ValueError(
                 f"{_where(i, path)}: dtype {_dtype_name(dtypes[i])} differs from sample 0's {_dtype_name(elem.dtype)}"
@@ -488,7 +510,7 @@ class CachedCollate:
                     torch.stack(batch, 0, out=out)
                 return self._send(out, call), None
             except RuntimeError:
-                if on_device:
+                if not is_numpy:
                     self._diagnose_devices(batch, path)
                 shapes = list(map(_SHAPE, batch))
                 if shapes.count(shapes[0]) == n:

@@ -248,8 +248,9 @@ class CachedDataset(Dataset):
         nbytes = 0
         if store.index is None:
             store.refresh()
-        for attempt in range(2):
-            # Second attempt: only after loading files that other processes sealed meanwhile.
+        for attempt in range(3):
+            # Later attempts: only after loading files that other processes sealed (or
+            # merged) meanwhile.
             if attempt and not store.refresh():
                 break
             missing, hit_pos, hit_rows = [], [], []

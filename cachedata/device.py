@@ -22,24 +22,24 @@ __all__ = ["DeviceLoader"]
 logger = logging.getLogger("cachedata")
 
 
-def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor]) -> Any:
-    """Copy every tensor in a nested batch to ``device`` (non_blocking, pinning CPU tensors first).
+def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor], *, pin: bool) -> Any:
+    """Copy every tensor in a nested batch to ``device`` with ``non_blocking=True``.
 
-    New device tensors are appended to ``produced`` (for ``record_stream``). Leaves that are not
-    tensors, and tensors already on ``device``, are returned as they are.
+    ``pin``: pin CPU tensors that are not pinned yet first (a copy from pageable memory is
+    synchronous). New device tensors are appended to ``produced`` (for ``record_stream``).
+    Leaves that are not tensors, and tensors already on ``device``, are returned as they are.
     """
     if isinstance(obj, torch.Tensor):
         if obj.device == device:
             return obj
         src = obj
-        if src.is_cpu and not src.is_pinned():
-            # A non_blocking copy from pageable memory is synchronous: pin it first.
+        if pin and src.is_cpu and not src.is_pinned():
             src = src.pin_memory()
         out = src.to(device, non_blocking=True)
         produced.append(out)
         return out
     if isinstance(obj, Mapping):
-        moved = {k: _to_device(v, device, produced) for k, v in obj.items()}
+        moved = {k: _to_device(v, device, produced, pin=pin) for k, v in obj.items()}
         if type(obj) is dict:
             return moved
         try:
@@ -52,7 +52,7 @@ def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor]) -> 
         except (TypeError, ValueError, AttributeError):
             return moved
     if isinstance(obj, tuple):
-        items = [_to_device(v, device, produced) for v in obj]
+        items = [_to_device(v, device, produced, pin=pin) for v in obj]
         if type(obj) is tuple:
             return tuple(items)
         if hasattr(obj, "_fields"):  # namedtuple
@@ -62,7 +62,7 @@ def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor]) -> 
         except (TypeError, ValueError):
             return tuple(items)
     if isinstance(obj, list):
-        items = [_to_device(v, device, produced) for v in obj]
+        items = [_to_device(v, device, produced, pin=pin) for v in obj]
         if type(obj) is list:
             return items
         try:
@@ -128,7 +128,7 @@ class DeviceLoader:
 
     def _plain_iter(self, device: torch.device) -> Iterator[Any]:
         for batch in self.loader:
-            yield _to_device(batch, device, [])
+            yield _to_device(batch, device, [], pin=False)
 
     def _cuda_iter(self, device: torch.device) -> Iterator[Any]:
         # One side stream per prefetch slot (batch j copies on streams[j % prefetch]). When the
@@ -138,18 +138,24 @@ class DeviceLoader:
         batches = iter(self.loader)
         pending: deque[tuple[Any, list[torch.Tensor], torch.cuda.Stream]] = deque()
         count = 0
+        error: BaseException | None = None
 
         def enqueue() -> None:
-            nonlocal count
+            nonlocal count, error
+            if error is not None:
+                return
             try:
                 batch = next(batches)
             except StopIteration:
+                return
+            except Exception as exc:  # raised once the batches before it are handed over
+                error = exc
                 return
             stream = streams[count % len(streams)]
             count += 1
             produced: list[torch.Tensor] = []
             with torch.cuda.stream(stream):
-                moved = _to_device(batch, device, produced)
+                moved = _to_device(batch, device, produced, pin=True)
             pending.append((moved, produced, stream))
 
         for _ in range(self.prefetch):
@@ -164,3 +170,5 @@ class DeviceLoader:
                 tensor.record_stream(consumer)
             enqueue()  # start the next copy before handing this batch over
             yield moved
+        if error is not None:
+            raise error

@@ -25,6 +25,12 @@ What is covered:
 - numpy arrays and scalars, torch tensors (content, dtype, shape; a tensor on any
   device is hashed from its CPU bytes, so moving it does not change anything;
   sparse, quantized and nested tensors too), ``torch.dtype``/``device``/``Generator``.
+- Read-only ``numpy.memmap`` arrays and ``h5py`` files/groups/datasets are
+  fingerprinted by *file identity* (real path, size, ``mtime_ns``) plus position,
+  dtype and shape, not by content: a many-GB token file is not read on every
+  construction, and rewriting the file still changes the fingerprint (like
+  ``cachedata.keys.file_stat``). Writable memmaps are hashed by content; HDF5
+  files open for writing are refused.
 - ``torch.nn.Module``: class, every parameter and buffer (persistent or not), the
   ``training`` flag and every other attribute of every submodule, forward hooks.
   This covers torchvision v1/v2 and torchaudio transforms (sizes, mean/std,
@@ -36,6 +42,8 @@ What is covered:
   name and line numbers are *not* included: moving code around does not
   invalidate a cache, but editing it does. Bytecode is interpreter specific, so a
   Python upgrade changes fingerprints of user functions.
+- Decorated functions keep their code: ``functools.wraps`` wrappers through
+  their closure and ``__wrapped__``, ``functools.lru_cache`` through ``__wrapped__``.
 - Bound methods (function + ``__self__``), ``functools.partial`` (function, args,
   keywords), callable instances and any other object with inspectable state
   (its ``__reduce_ex__``/``__dict__``/``__slots__`` state, the same state pickle
@@ -64,6 +72,19 @@ path (e.g. ``transform.tokenizer._lock``): open files, sockets, locks, threads,
 generators, iterators and other objects with hidden state, and objects whose
 only state is their identity (``object()``). The fix is ``version=`` on
 ``CachedDataset`` or a ``__cachedata_fingerprint__`` method.
+
+Known limits (what a fingerprint cannot see): files, environment variables and
+network resources a transform reads when it runs; the code of library functions
+and classes (a library upgrade that changes results is invisible, bump
+``version=``); global variables read by library code; module names and file
+locations of user code (deliberately: moving code keeps caches). A user module
+that is pip-installed on one machine and a plain checkout on another is library
+code on the first and user code on the second, so their fingerprints differ.
+
+Diagnostics: ``_fingerprint_tree`` returns the same digest plus a flat
+``{attribute path: short description}`` map and ``_diff_trees`` turns two maps
+into ``transform.transforms[0].size: 224 -> 256`` lines, so the core can say
+*why* a namespace changed.
 """
 
 from __future__ import annotations
@@ -78,6 +99,7 @@ import functools
 import hashlib
 import io
 import logging
+import mmap
 import os
 import random
 import site
@@ -88,7 +110,7 @@ import sysconfig
 import threading
 import types
 import weakref
-from collections.abc import AsyncGenerator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 import xxhash
@@ -124,37 +146,69 @@ def _big(data: bytes | memoryview | Any) -> bytes:
     return len(data).to_bytes(8, "little") + xxhash.xxh3_128_digest(data)
 
 
+def _tok_str(x: str) -> bytes:
+    b = x.encode("utf-8", "surrogatepass")
+    return b"s" + b if len(b) <= _INLINE_MAX else b"S" + _big(b)
+
+
+def _tok_int(x: int) -> bytes:
+    return b"i" + x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True)
+
+
+def _tok_float(x: float) -> bytes:
+    return b"f" + _pack_d(x)  # bit pattern: -0.0 and NaN payloads stay distinct
+
+
+def _tok_bytes(x: bytes) -> bytes:
+    return b"b" + x if len(x) <= _INLINE_MAX else b"B" + _big(x)
+
+
+def _tok_bytearray(x: bytearray) -> bytes:
+    return b"a" + bytes(x) if len(x) <= _INLINE_MAX else b"A" + _big(x)
+
+
+# Exact types only: subclasses (IntEnum, numpy.float64, str enums...) carry a class.
+_SCALAR_ENCODERS: dict[type, Callable[[Any], bytes]] = {
+    str: _tok_str,
+    int: _tok_int,
+    float: _tok_float,
+    bool: lambda x: b"T" if x else b"F",
+    type(None): lambda x: b"N",
+    bytes: _tok_bytes,
+    complex: lambda x: b"c" + _pack_dd(x.real, x.imag),
+    bytearray: _tok_bytearray,
+}
+_encoder = _SCALAR_ENCODERS.get
+
+
 def _scalar_token(x: object) -> bytes | None:
     """Inline token of an exact builtin scalar, or None for anything else."""
-    t = type(x)
-    if t is str:
-        b = x.encode("utf-8", "surrogatepass")  # type: ignore[union-attr]
-        return b"s" + b if len(b) <= _INLINE_MAX else b"S" + _big(b)
-    if t is int:
-        return b"i" + x.to_bytes(x.bit_length() // 8 + 1, "little", signed=True)  # type: ignore[union-attr]
-    if t is float:
-        return b"f" + _pack_d(x)  # bit pattern: -0.0 and NaN payloads stay distinct
-    if t is bool:
-        return b"T" if x else b"F"
-    if x is None:
-        return b"N"
-    if t is bytes:
-        return b"b" + x if len(x) <= _INLINE_MAX else b"B" + _big(x)  # type: ignore[operator,arg-type]
-    if t is complex:
-        return b"c" + _pack_dd(x.real, x.imag)  # type: ignore[union-attr]
-    if t is bytearray:
-        return b"a" + bytes(x) if len(x) <= _INLINE_MAX else b"A" + _big(x)  # type: ignore[arg-type]
-    return None
+    enc = _encoder(type(x))
+    return enc(x) if enc is not None else None
+
+
+def _scalar_tokens(seq: Iterable[object]) -> list[bytes] | None:
+    """Tokens of a sequence made only of scalars, or None if anything else is in it."""
+    out = []
+    for x in seq:
+        enc = _encoder(type(x))
+        if enc is None:
+            return None
+        out.append(enc(x))
+    return out
 
 
 def _node(tag: bytes, parts: Iterable[bytes]) -> bytes:
-    """SHA-256 over a tag and length-prefixed child tokens."""
-    h = hashlib.sha256(tag)
-    h.update(b"\x00")
+    """SHA-256 over a tag and the length-prefixed tokens of the children."""
+    h = hashlib.sha256(tag + b"\x00")
+    update = h.update
     for p in parts:
-        h.update(len(p).to_bytes(8, "little"))
-        h.update(p)
+        update(len(p).to_bytes(8, "little"))
+        update(p)
     return h.digest()
+
+
+_SEQ_TAGS = {tuple: b"tuple", list: b"list"}
 
 
 def _s(text: str) -> bytes:
@@ -320,6 +374,12 @@ _MODULE_SKIP = frozenset(
     }
 )
 
+# transformers bookkeeping: where a model/config was loaded from, which library
+# version wrote it, which warnings were shown. None of it changes outputs.
+_HF_PROVENANCE = frozenset(
+    {"_name_or_path", "name_or_path", "_commit_hash", "transformers_version", "warnings_issued"}
+)
+
 _GLOBAL_OPS = frozenset({"LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"})
 _DESCRIPTOR_TYPES = (
     types.WrapperDescriptorType,
@@ -400,9 +460,7 @@ class _Walker:
 
     def _fail(self, obj: object, reason: str = "") -> TypeError:
         extra = f" ({reason})" if reason else ""
-        return TypeError(
-            f"cannot fingerprint {_type_name(type(obj))} at {self._path()}{extra}; {_FIX_HINT}"
-        )
+        return TypeError(f"cannot fingerprint {_type_name(type(obj))} at {self._path()}{extra}; {_FIX_HINT}")
 
     # -- entry points
 
@@ -421,6 +479,17 @@ class _Walker:
             if self.tree is not None and self._recording(len(self._segs) + 1):
                 self.tree[self._path() + seg] = _short(repr(obj), hashlib.sha256(tok).digest())
             return tok
+        cls = type(obj)
+        if cls is tuple or cls is list:
+            # Fast path for sequences of scalars (no cycles possible, nothing to memoize);
+            # the token equals what the general path produces.
+            toks = _scalar_tokens(obj)
+            if toks is not None:
+                tag = b"tuple" if cls is tuple else b"list"
+                digest = _node(tag, toks)
+                if self.tree is not None and self._recording(len(self._segs) + 1):
+                    self.tree[self._path() + seg] = self._seq_desc(obj, tag, digest)
+                return b"D" + digest
         self._segs.append(seg)
         try:
             return self._composite(obj)
@@ -468,6 +537,13 @@ class _Walker:
 
     def _dispatch(self, obj: Any) -> tuple[bytes, str | None]:
         cls = type(obj)
+        # Exact builtin containers first: they cannot carry the hook, and they are hot.
+        if cls is list or cls is tuple:
+            return self._sequence(obj, b"list" if cls is list else b"tuple")
+        if cls is dict:
+            return self._dict(obj.items(), b"dict"), None
+        if cls is set or cls is frozenset:
+            return self._set(obj, b"set" if cls is set else b"frozenset")
         if not isinstance(obj, type):
             hook = getattr(cls, "__cachedata_fingerprint__", None)
             if hook is not None:
@@ -482,12 +558,6 @@ class _Walker:
             return self._enum(obj)
         if isinstance(obj, type):
             return self._class(obj)
-        if cls is list or cls is tuple:
-            return self._sequence(obj, b"list" if cls is list else b"tuple")
-        if cls is dict:
-            return self._dict(obj.items(), b"dict"), None
-        if cls is set or cls is frozenset:
-            return self._set(obj, b"set" if cls is set else b"frozenset")
         if cls is collections.OrderedDict:
             return self._ordered(obj), None
         if cls is collections.defaultdict:
@@ -536,28 +606,37 @@ class _Walker:
             tag = b"staticmethod" if isinstance(obj, staticmethod) else b"classmethod"
             return _node(tag, [self.child(obj.__func__, ".__func__")]), None
         if isinstance(obj, property):
-            parts = [self.child(f, f".{n}") for n, f in (("fget", obj.fget), ("fset", obj.fset), ("fdel", obj.fdel))]
+            parts = [
+                self.child(f, f".{n}")
+                for n, f in (("fget", obj.fget), ("fset", obj.fset), ("fdel", obj.fdel))
+            ]
             return _node(b"property", parts), None
         if isinstance(obj, types.CodeType):
             return self._code(obj), None
         if isinstance(obj, types.ModuleType):
             version = getattr(obj, "__version__", None)
-            return _node(b"module", [_s(obj.__name__), _s(str(version) if isinstance(version, str) else "")]), (
-                f"module {obj.__name__}"
-            )
+            version = str(version) if isinstance(version, str) else ""
+            desc = f"module {obj.__name__} {version}".rstrip()
+            return _node(b"module", [_s(obj.__name__), _s(version)]), desc
         if isinstance(obj, logging.Logger):
             # Loggers never change a transform's output; their handlers hold locks.
             return _node(b"logger", [_s(obj.name)]), f"logger {obj.name!r}"
         if isinstance(obj, random.Random):
             if isinstance(obj, random.SystemRandom):
                 raise self._fail(obj, "draws from the operating system, not reproducible")
-            return _node(b"random", [self.child(cls, ".__class__"), self.child(obj.getstate(), ".getstate()")]), None
+            return _node(
+                b"random", [self.child(cls, ".__class__"), self.child(obj.getstate(), ".getstate()")]
+            ), None
 
         top = (getattr(cls, "__module__", "") or "").partition(".")[0]
         if top == "tokenizers" and callable(getattr(obj, "to_str", None)):
             return _node(b"hf-tokenizer", [self.child(obj.to_str(), ".to_str()")]), None
         if top == "transformers":
             res = self._transformers(obj)
+            if res is not None:
+                return res
+        if top == "h5py" and hasattr(obj, "file") and hasattr(obj, "name"):
+            res = self._h5py(obj)
             if res is not None:
                 return res
         if top == "PIL" and all(hasattr(obj, a) for a in ("tobytes", "mode", "size", "getpalette")):
@@ -577,22 +656,39 @@ class _Walker:
     # -- builtin containers
 
     def _sequence_digest(self, seq: Any, tag: bytes, prefix: str = "") -> bytes:
-        n = len(seq)
         depth = len(self._segs)
-        quiet = n > _BIG_SEQ or (n <= _SMALL_SEQ and all(_scalar_token(x) is not None for x in seq))
+        toks = _scalar_tokens(seq)
+        if toks is not None:
+            # Only scalars (the common case: sizes, means, file lists): one tree entry.
+            digest = _node(tag, toks)
+            if prefix and self._recording(depth + 1):
+                self.tree[self._path() + prefix] = self._seq_desc(seq, tag, digest)  # type: ignore[index]
+            return digest
+        quiet = len(seq) > _BIG_SEQ
         self._mute += quiet
         try:
-            toks = [self.child(x, f"{prefix}[{i}]") for i, x in enumerate(seq)]
+            recording = self._recording(depth + 1)
+            toks = []
+            for i, x in enumerate(seq):
+                if not recording:
+                    # Inlined fast paths of child() for the hot cases (sample lists).
+                    t = type(x)
+                    enc = _encoder(t)
+                    if enc is not None:
+                        toks.append(enc(x))
+                        continue
+                    if t is tuple or t is list:
+                        sub = _scalar_tokens(x)
+                        if sub is not None:
+                            toks.append(b"D" + _node(_SEQ_TAGS[t], sub))
+                            continue
+                toks.append(self.child(x, f"{prefix}[{i}]"))
         finally:
             self._mute -= quiet
-        digest = _node(tag, toks)
-        if quiet and prefix and self._recording(depth + 1):
-            path = self._path() + prefix
-            self.tree[path] = self._seq_desc(seq, tag, digest)  # type: ignore[index]
-        return digest
+        return _node(tag, toks)
 
     def _seq_desc(self, seq: Any, tag: bytes, digest: bytes) -> str:
-        if len(seq) <= _SMALL_SEQ and all(_scalar_token(x) is not None for x in seq):
+        if len(seq) <= _BIG_SEQ and _scalar_tokens(seq) is not None:
             return _short(repr(list(seq)) if tag == b"list" else repr(tuple(seq)), digest)
         return f"{tag.decode()}[len={len(seq)}] #{digest.hex()[:16]}"
 
@@ -601,19 +697,30 @@ class _Walker:
         return digest, self._seq_desc(seq, tag, digest)
 
     def _dict(self, items: Iterable[tuple[Any, Any]], tag: bytes, prefix: str | None = None) -> bytes:
-        """Order-independent digest of mapping items (sorted by key token)."""
+        """Order-independent digest of mapping items (sorted by key token).
+
+        ``prefix`` None names values ``[key]``; ``""`` names str keys as attributes
+        (``.key``, for object state); any other prefix is prepended (``.keywords['k']``).
+        """
         items = list(items)
         quiet = len(items) > _BIG_SEQ
         self._mute += quiet
         try:
+            recording = self._recording(len(self._segs) + 1)
             pairs = []
             for i, (k, v) in enumerate(items):
-                if prefix is None or prefix == "":
-                    seg = f".{k}" if prefix == "" and type(k) is str else _seg_for_key(k, i)
-                else:
-                    seg = prefix + _seg_for_key(k, i)
-                ktok = self.child(k, f"{seg}<key>") if _scalar_token(k) is None else _scalar_token(k)
-                pairs.append((ktok, self.child(v, seg)))  # type: ignore[arg-type]
+                ktok = _scalar_token(k)
+                vtok = None if recording else _scalar_token(v)
+                if ktok is None or vtok is None:
+                    if prefix == "" and type(k) is str:
+                        seg = f".{k}"
+                    else:
+                        seg = (prefix or "") + _seg_for_key(k, i)
+                    if ktok is None:
+                        ktok = self.child(k, f"{seg}<key>")
+                    if vtok is None:
+                        vtok = self.child(v, seg)
+                pairs.append((ktok, vtok))
         finally:
             self._mute -= quiet
         pairs.sort(key=lambda p: p[0])
@@ -756,7 +863,8 @@ class _Walker:
                     parts += [_s(name), self.child(g[name], f".__globals__.{name}")]
                 elif hasattr(builtins, name):
                     parts += [_s(name), b"builtin"]
-        return _node(b"function", parts), f"function {qual}"
+        digest = _node(b"function", parts)
+        return digest, f"function {qual} #{digest.hex()[:16]}"
 
     def _code(self, code: types.CodeType) -> bytes:
         consts = [self.child(c, f".co_consts[{i}]") for i, c in enumerate(code.co_consts)]
@@ -783,8 +891,12 @@ class _Walker:
             rv = reducer(obj) if reducer is not None else obj.__reduce_ex__(4)
         except Exception as exc:  # pickle refuses: the object has hidden/unportable state
             raise self._fail(obj, str(exc)) from None
-        if isinstance(rv, str):  # a module-level singleton, pickled by name
-            return _node(b"global", [_s(_identity(cls)), _s(rv)]), f"{_type_name(cls)} {rv}"
+        if isinstance(rv, str):  # pickled by reference (a module-level singleton)
+            parts = [_s(_identity(cls)), _s(rv)]
+            wrapped = getattr(obj, "__wrapped__", None)
+            if wrapped is not None:  # e.g. functools.lru_cache: the wrapped function is the code
+                parts.append(self.child(wrapped, ".__wrapped__"))
+            return _node(b"global", parts), None if wrapped is not None else f"{_type_name(cls)} {rv}"
         if not isinstance(rv, tuple) or len(rv) < 2:
             raise self._fail(obj, "__reduce_ex__ returned an unexpected value")
         rv = rv + (None,) * (5 - len(rv))
@@ -800,7 +912,8 @@ class _Walker:
             newargs = args
         if newargs:
             parts.append(b"D" + self._sequence_digest(newargs, b"tuple", ".<args>"))
-        empty = not newargs and not state and listitems is None and dictitems is None
+        no_state = state is None or (type(state) in (dict, tuple, list) and not state)
+        empty = not newargs and no_state and listitems is None and dictitems is None
         if empty and (cls is object or not (hasattr(obj, "__dict__") or _has_slots(cls))):
             raise self._fail(obj, "it has no state besides its identity")
         if state is not None:
@@ -849,17 +962,17 @@ class _Walker:
         t = t.detach()
         if t.is_meta:
             raise self._fail(t, "a meta tensor has no data")
-        shape = _s(",".join(map(str, t.shape)))
-        dtype = _s(str(t.dtype))
         extra: list[bytes] = []
         if type(t) not in (torch.Tensor, torch.nn.Parameter):  # tv_tensors and other subclasses
             extra.append(self.child(type(t), ".__class__"))
             state = getattr(t, "__dict__", None)
             if state:
                 extra.append(b"D" + self._dict(sorted(state.items()), b"state", ""))
-        if t.is_nested:
+        if t.is_nested:  # ragged: no single shape; hash the components
             parts = [self.child(list(t.unbind()), ".unbind()"), *extra]
             return _node(b"nested-tensor", parts), None
+        shape = _s(",".join(map(str, t.shape)))
+        dtype = _s(str(t.dtype))
         if t.layout == torch.sparse_coo:
             t = t.coalesce()
             parts = [
@@ -895,7 +1008,10 @@ class _Walker:
 
     def _module(self, m: Any) -> tuple[bytes, str | None]:
         parts = [self.child(type(m), ".__class__")]
-        state = {k: v for k, v in vars(m).items() if k not in _MODULE_SKIP}
+        skip = (
+            _MODULE_SKIP | _HF_PROVENANCE if type(m).__module__.startswith("transformers.") else _MODULE_SKIP
+        )
+        state = {k: v for k, v in vars(m).items() if k not in skip}
         parts.append(b"D" + self._dict(sorted(state.items()), b"state", ""))
         for tag, table in ((b"params", m._parameters), (b"buffers", m._buffers), (b"modules", m._modules)):
             toks: list[bytes] = []
@@ -933,7 +1049,11 @@ class _Walker:
     def _array(self, a: Any, np: Any, tag: bytes) -> tuple[bytes, str | None]:
         shape = _s(",".join(map(str, a.shape)))
         extra: list[bytes] = []
-        if type(a) is not np.ndarray and tag == b"ndarray":
+        if isinstance(a, np.memmap):
+            mapped = self._memmap(a, np, shape)
+            if mapped is not None:
+                return mapped
+        elif type(a) is not np.ndarray and tag == b"ndarray":
             extra.append(self.child(type(a), ".__class__"))
         if a.dtype.hasobject:
             items = self._sequence_digest(list(a.ravel()), b"list", ".flat")
@@ -948,6 +1068,48 @@ class _Walker:
         else:
             desc = f"array(shape={list(a.shape)}, dtype={a.dtype}) #{digest.hex()[:16]}"
         return digest, desc
+
+    def _memmap(self, a: Any, np: Any, shape: bytes) -> tuple[bytes, str | None] | None:
+        """A read-only ``np.memmap`` by file identity and position, not content.
+
+        Token files of many GB (``np.memmap("train.bin")``) would otherwise be read
+        in full on every construction. The file's (path, size, mtime_ns) changes
+        when it is rewritten, like ``cachedata.keys.file_stat``. Writable maps can
+        change without touching the file's mtime, so they are hashed by content.
+        """
+        mm = getattr(a, "_mmap", None)
+        if a.mode != "r" or mm is None or not a.filename:
+            return None
+        try:
+            base = np.frombuffer(mm, dtype=np.uint8).ctypes.data
+            st = os.stat(a.filename)
+        except (OSError, ValueError, TypeError) as exc:
+            logger.debug("fingerprint: memmap %s hashed by content (%s)", a.filename, exc)
+            return None  # closed map or vanished file: fall back to the content
+        start = a.offset - a.offset % mmap.ALLOCATIONGRANULARITY  # where numpy's map begins
+        position = start + a.ctypes.data - base
+        ident = f"{os.path.realpath(a.filename)}\x00{st.st_size}\x00{st.st_mtime_ns}\x00{position}"
+        layout = f"{a.dtype.str}\x00{a.strides}"
+        digest = _node(b"memmap", [_s(ident), _s(layout), shape])
+        return digest, f"memmap({a.filename!r}, shape={list(a.shape)}) #{digest.hex()[:16]}"
+
+    def _h5py(self, obj: Any) -> tuple[bytes, str | None] | None:
+        """h5py files, groups and datasets by file identity and object name, not content."""
+        try:
+            filename = obj.file.filename
+            name = obj.name
+            st = os.stat(filename)
+        except Exception:  # closed file or not an h5py node: refuse below
+            return None
+        mode = getattr(obj.file, "mode", "r")
+        if mode != "r":
+            raise self._fail(obj, f"the HDF5 file is open for writing (mode {mode!r}); open it read-only")
+        parts = [_s(f"{os.path.realpath(filename)}\x00{st.st_size}\x00{st.st_mtime_ns}"), _s(str(name))]
+        shape = getattr(obj, "shape", None)
+        if shape is not None:
+            parts += [_s(repr(tuple(shape))), _s(str(obj.dtype))]
+        digest = _node(b"h5py", parts)
+        return digest, f"h5py {filename}:{name} #{digest.hex()[:16]}"
 
     def _transformers(self, obj: Any) -> tuple[bytes, str | None] | None:
         """Duck-typed Hugging Face ``transformers`` objects (never imported here)."""
@@ -980,6 +1142,8 @@ class _Walker:
         to_dict = getattr(obj, "to_dict", None)
         if callable(to_dict):
             config = to_dict()
+            if isinstance(config, dict):  # drop where-it-came-from fields: not state
+                config = {k: v for k, v in config.items() if k not in _HF_PROVENANCE}
             parts = [self.child(type(obj), ".__class__"), self.child(config, ".to_dict()")]
             # Processors keep their tokenizer / image processor out of to_dict().
             for name in getattr(obj, "attributes", None) or ():

@@ -98,6 +98,7 @@ class Store:
         self._warned_write = False
         self._last_used = 0.0
         self.rng_checks_left = 16
+        self._vanished = False
 
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("path", "fingerprint", "compression", "dense_size")}
@@ -121,6 +122,8 @@ class Store:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "meta.json").exists():
                 _create_once(self.path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+            if not os.access(self.path, os.W_OK):
+                raise PermissionError(f"no write permission on {self.path}")
         except OSError as exc:
             raise ReadOnly(str(exc)) from exc
 
@@ -192,7 +195,20 @@ class Store:
         return (max(merged)[1] if merged else None), sorted(shards)
 
     def refresh(self) -> bool:
-        """Load files that appeared since the last look; True when anything changed."""
+        """Load files that appeared since the last look; True when anything changed.
+
+        A file that vanishes between listing and opening was merged meanwhile: look again
+        (a few times) so that a stale listing recovers on its own.
+        """
+        changed = False
+        for _ in range(4):
+            self._vanished = False
+            changed |= self._refresh_once()
+            if not self._vanished:
+                break
+        return changed
+
+    def _refresh_once(self) -> bool:
         self.check_pid()
         newest, shards = self._listing()
         changed = False
@@ -241,7 +257,8 @@ class Store:
                     f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
                 )
         except FileNotFoundError:
-            return None  # merged and removed between listing and opening
+            self._vanished = True  # merged and removed between listing and opening
+            return None
         except (CorruptFile, ValueError) as exc:
             if not (self.path / name).exists():
                 return None
@@ -272,6 +289,11 @@ class Store:
             reader = idx.readers[f]
             try:
                 reader.read_into(memoryview(buf), off)
+            except FileNotFoundError:
+                # Merged away before this process opened it: refresh() finds the new file.
+                self._vanished = True
+                out.append(None)
+                continue
             except (OSError, CorruptFile) as exc:
                 self._bad_item(reader.index.path, key, exc)
                 out.append(None)

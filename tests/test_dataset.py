@@ -379,14 +379,43 @@ def test_corrupt_bytes_are_detected_recomputed_and_warned_once(tmp_path, caplog)
     assert count_calls(log) == before
 
 
-def test_read_only_cache_dir(tmp_path, caplog):
-    if os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+@pytest.fixture
+def read_only_view(tmp_path):
+    """(writable folder, the same folder through a read-only bind mount)."""
+    src, view = tmp_path / "src", tmp_path / "view"
+    src.mkdir()
+    view.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(src), str(view)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("needs permission to bind-mount a read-only view")
     try:
-        ds = CachedDataset(Ragged(3), ro, transform=add_one)
-        assert ds[1]["label"] == 1
+        yield src, view
     finally:
-        ro.chmod(0o755)
+        subprocess.run(["umount", "-l", str(view)], check=False)
+
+
+def test_read_only_cache_dir(read_only_view, caplog):
+    """A folder nobody can write: complete -> silent reads; incomplete -> one warning."""
+    src, view = read_only_view
+    full = CachedDataset(Ragged(10), src, transform=add_one)
+    [full[i] for i in range(10)]
+    full.merge()
+    part = CachedDataset(Ragged(10, seed=3), src, transform=add_one)
+    [part[i] for i in range(4)]
+    part.flush()
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+    with pytest.raises(OSError):
+        (view / "probe").touch()
+    caplog.clear()
+    for seed, want in ((0, (20, 0)), (3, (8, 12))):
+        ds = CachedDataset(Ragged(10, seed=seed), view, transform=add_one)
+        for _epoch in range(2):
+            for i in range(10):
+                assert torch.equal(ds[i]["x"], Ragged(10, seed=seed)[i]["x"] + 1)
+        ds.flush()
+        assert (ds.stats.hits, ds.stats.misses) == want
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "not stored" in warnings[0], warnings
+    fresh = CachedDataset(Ragged(10, seed=4), view, transform=add_one)  # no namespace folder at all
+    assert fresh[0]["label"] == 0
+    assert leftovers(src) == []

@@ -260,6 +260,68 @@ def test_tensor_views_grad_and_special_layouts() -> None:
     assert fp(torch.tensor(1.0)) != fp(torch.tensor([1.0]))
 
 
+def test_quantized_and_nested_tensors() -> None:
+    x = torch.linspace(-1, 1, 16)
+    q1 = torch.quantize_per_tensor(x, scale=0.1, zero_point=0, dtype=torch.qint8)
+    q2 = torch.quantize_per_tensor(x, scale=0.2, zero_point=0, dtype=torch.qint8)
+    assert fp(q1) == fp(torch.quantize_per_tensor(x, scale=0.1, zero_point=0, dtype=torch.qint8))
+    assert fp(q1) != fp(q2)
+    n1 = torch.nested.nested_tensor([torch.arange(3.0), torch.arange(5.0)])
+    n2 = torch.nested.nested_tensor([torch.arange(3.0), torch.arange(4.0)])
+    assert fp(n1) != fp(n2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moving_to_cuda_does_not_change_it() -> None:
+    t = torch.randn(64, 3, dtype=torch.bfloat16)
+    assert fp(t.cuda()) == fp(t)
+    m = _mlp()
+    assert fp(copy.deepcopy(m).cuda()) == fp(m)
+    assert fp(copy.deepcopy(m).cuda().half()) != fp(m)
+
+
+def test_read_only_memmap_by_file_identity(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.bin"
+    np.arange(10_000, dtype=np.uint16).tofile(path)
+    os.utime(path, ns=(1_700_000_000_000_000_000,) * 2)
+    a = np.memmap(path, dtype=np.uint16, mode="r")
+    b = np.memmap(path, dtype=np.uint16, mode="r")
+    assert fp(a) == fp(b)
+    assert fp(a[100:200]) == fp(b[100:200])
+    assert fp(a[100:200]) != fp(a[101:201])
+    assert fp(np.memmap(path, dtype=np.uint16, mode="r", offset=2)) != fp(a)
+    assert fp(np.memmap(path, dtype=np.int16, mode="r")) != fp(a)
+    del a, b
+    np.arange(1, 10_001, dtype=np.uint16).tofile(path)  # rewritten in place: same size
+    os.utime(path, ns=(1_700_000_000_000_000_001,) * 2)
+    before = fp(np.array(np.arange(10_000, dtype=np.uint16)))
+    assert fp(np.memmap(path, dtype=np.uint16, mode="r")) != before
+
+
+def test_writable_memmap_by_content(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    m = np.memmap(path, dtype=np.float32, mode="w+", shape=(8,))
+    before = fp(m)
+    m[0] = 1.0
+    assert fp(m) != before
+
+
+def test_h5py_datasets_by_file_and_name(tmp_path: Path) -> None:
+    import h5py
+
+    path = tmp_path / "data.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.arange(10)
+        f["y"] = np.arange(10)
+        with pytest.raises(TypeError, match="open for writing"):
+            fingerprint({"file": f}, root="dataset")
+    with h5py.File(path, "r") as f:
+        assert fp(f["x"]) == fp(f["x"])
+        assert fp(f["x"]) != fp(f["y"])
+        assert fp(f) != fp(f["x"])
+
+
 def test_meta_tensor_is_refused() -> None:
     with pytest.raises(TypeError, match="meta"):
         fingerprint({"w": torch.empty(3, device="meta")}, root="transform")
@@ -371,7 +433,9 @@ def test_script_module() -> None:
 # -------------------------------------------------------------------- torchvision
 
 
-def _v1(size: int = 224, mean: float = 0.5, std: float = 0.25, interp: Any = None, antialias: bool = True) -> Any:
+def _v1(
+    size: int = 224, mean: float = 0.5, std: float = 0.25, interp: Any = None, antialias: bool = True
+) -> Any:
     import torchvision.transforms as T
 
     interp = interp if interp is not None else T.InterpolationMode.BILINEAR
@@ -385,7 +449,9 @@ def _v1(size: int = 224, mean: float = 0.5, std: float = 0.25, interp: Any = Non
     )
 
 
-def _v2(size: int = 224, mean: float = 0.5, std: float = 0.25, interp: Any = None, antialias: bool = True) -> Any:
+def _v2(
+    size: int = 224, mean: float = 0.5, std: float = 0.25, interp: Any = None, antialias: bool = True
+) -> Any:
     import torchvision.transforms.v2 as T
 
     interp = interp if interp is not None else T.InterpolationMode.BILINEAR
@@ -425,9 +491,7 @@ def test_torchvision_tree_diff_names_the_parameter() -> None:
     _, new = _fingerprint_tree(_v1(256), root="transform")
     assert _diff_trees(old, new) == ["transform.transforms[0].size: 224 -> 256"]
     _, new_mean = _fingerprint_tree(_v1(mean=0.4), root="transform")
-    assert _diff_trees(old, new_mean) == [
-        "transform.transforms[3].mean: [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]"
-    ]
+    assert _diff_trees(old, new_mean) == ["transform.transforms[3].mean: [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]"]
 
 
 # --------------------------------------------------------------------- torchaudio
@@ -478,7 +542,9 @@ def _bpe(vocab_size: int) -> Any:
 
     tok = Tokenizer(models.BPE(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["[UNK]", "[PAD]"], show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["[UNK]", "[PAD]"], show_progress=False
+    )
     tok.train_from_iterator(_corpus(), trainer)
     return tok
 
@@ -523,6 +589,9 @@ def test_transformers_objects_by_duck_typing() -> None:
     c = ImageProcessor(size={"shortest_edge": 256}, image_mean=[0.5, 0.5, 0.5], do_resize=True)
     assert fp(a) == fp(b)
     assert fp(a) != fp(c)
+    moved = ImageProcessor(size={"shortest_edge": 224}, image_mean=[0.5, 0.5, 0.5], do_resize=True)
+    moved._config["_name_or_path"] = "/somewhere/else"  # provenance, not state
+    assert fp(moved) == fp(a)
     assert "transformers" not in sys.modules
 
 
@@ -680,6 +749,23 @@ def test_user_class_method_code_counts() -> None:
     assert fp(a) != fp(c)
 
 
+def test_decorated_functions_keep_their_code() -> None:
+    src = """
+    import functools
+    import torch
+    @functools.lru_cache(maxsize=None)
+    def cached(x):
+        return x * {k}
+    @torch.no_grad()
+    def no_grad(x):
+        return x * {k}
+    """
+    a, b, c = _exec(src.format(k=2)), _exec(src.format(k=2)), _exec(src.format(k=3))
+    for name in ("cached", "no_grad"):
+        assert fp(a[name]) == fp(b[name]), name
+        assert fp(a[name]) != fp(c[name]), name
+
+
 def test_builtins_and_library_functions() -> None:
     assert fp(len) == fp(len)
     assert fp(len) != fp(sum)
@@ -740,7 +826,7 @@ def test_hook_must_return_str() -> None:
         fp(Bad())
 
 
-def test_hook_on_a_tensor_subclass_like_object() -> None:
+def test_hook_on_a_module_ignores_its_tensors() -> None:
     class Loader(torch.nn.Module):
         def __cachedata_fingerprint__(self) -> str:
             return "loader-v1"
@@ -897,11 +983,13 @@ def test_tree_of_function_shows_globals() -> None:
 
 # ------------------------------------------------------------ across processes
 
-_DETERMINISM_SCRIPT = '''
+_DETERMINISM_SCRIPT = """
 import functools, json, sys
 import torch
+import torchaudio.transforms as AT
 import torchvision.transforms.v2 as T
-from cachedata.fingerprint import fingerprint
+from tokenizers import Tokenizer, models, pre_tokenizers
+from cachedata.fingerprint import _fingerprint_tree, fingerprint
 
 SIZE = 224
 
@@ -928,11 +1016,26 @@ def build():
         "tv2": T.Compose([T.ToImage(), T.Resize(SIZE), T.CenterCrop(200),
                           T.ToDtype(torch.float32, scale=True), T.Normalize([0.5] * 3, [0.25] * 3)]),
         "strings": {str(i) * 3 for i in range(50)},
+        "mel": AT.MelSpectrogram(sample_rate=16000, n_mels=64),
+        "tokenizer": tokenizer(),
     }
 
+def tokenizer():
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(letters)}}
+    merges = [(a, b) for a, b in zip(letters[::2], letters[1::2])]
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(merges)})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[CLS]", "[SEP]"])
+    tok.enable_padding(pad_id=0, pad_token="[UNK]", length=32)
+    return tok
+
 if __name__ == "__main__":
-    print(json.dumps({k: fingerprint(v) for k, v in build().items()}))
-'''
+    out = {k: fingerprint(v) for k, v in build().items()}
+    out["tree"] = _fingerprint_tree(build()["tv2"], root="transform")[1]
+    print(json.dumps(out))
+"""
 
 
 def test_deterministic_across_processes_and_hash_seeds(tmp_path: Path) -> None:
@@ -949,8 +1052,10 @@ def test_deterministic_across_processes_and_hash_seeds(tmp_path: Path) -> None:
     assert outputs[0] == outputs[1]
     # And the same in this process, where the script is an imported module, not __main__.
     module = _import_file(script, "fp_determinism_inproc")
-    here = {k: fp(v) for k, v in module.build().items()}
+    here: dict[str, Any] = {k: fp(v) for k, v in module.build().items()}
+    here["tree"] = _fingerprint_tree(module.build()["tv2"], root="transform")[1]
     assert here == outputs[0]
+    assert len(outputs[0]["tree"]) > 10
 
 
 # ---------------------------------------------------------------------- property
@@ -965,10 +1070,12 @@ _scalars = (
 )
 _values = st.recursive(
     _scalars,
-    lambda children: st.lists(children, max_size=5)
-    | st.tuples(children, children)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5)
-    | st.frozensets(st.integers() | st.text(max_size=5), max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5)
+        | st.tuples(children, children)
+        | st.dictionaries(st.text(max_size=8), children, max_size=5)
+        | st.frozensets(st.integers() | st.text(max_size=5), max_size=5)
+    ),
     max_leaves=25,
 )
 

@@ -1,0 +1,728 @@
+"""Core CachedDataset performance, as ratios against simple limits, in one run.
+
+Cases (each timed interleaved with its baseline where it has one; median of the repeats,
+spread = (max - min) / median across the repeats):
+
+1. images   warm epoch of float32[3, 224, 224] items through DataLoader(batch_size=64,
+            num_workers=0, default collate) vs the limit: the same bytes in one raw file read
+            through np.memmap from the page cache, one copy per item, same DataLoader setup.
+            PASS when cachedata reaches >= 70% of the limit's items/s.
+2. tokens   warm random-order ``ds.__getitems__`` batches of 256 ragged int64 sequences
+            (lengths 32..512) in one process. PASS at >= 100,000 items/s.
+3. cold     first epoch with a ~1 ms/item transform (busy-wait, and a calibrated numpy
+            computation) through DataLoader(batch_size=64, num_workers=0): cachedata
+            (construction + epoch + flush() to disk) vs the uncached dataset + transform.
+            PASS when cachedata is at most 10% slower. Fresh cache folder per repeat.
+4. index    a cache of 1,000,000 tiny int64[4] items; in a fresh subprocess, time from
+            ``CachedDataset(...)`` to the first ``ds[0]`` returning (index load included) and
+            the RSS increase over the same span. PASS at < 1 s and < 100 bytes/item.
+
+Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4] [--out PATH]
+Writes the results as JSON (default benchmarks/results/core.json); exit status 1 on a FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cachedata
+from cachedata import CachedDataset
+
+# ------------------------------------------------------------------------------ datasets
+# Deterministic sources. Each names itself via __cachedata_fingerprint__ so that building the
+# namespace fingerprint never hashes large arrays, and a subprocess gets the same namespace.
+
+
+class ImageSource(Dataset):
+    """float32[3, 224, 224] items, item i drawn from a generator seeded with (seed, i)."""
+
+    shape = (3, 224, 224)
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n, self.seed = n, seed
+
+    def __len__(self) -> int:
+        return self.n
+
+    def array(self, i: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, i]).standard_normal(self.shape, dtype=np.float32)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.array(i))
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"ImageSource-v1-{self.n}-{self.seed}"
+
+
+class MemmapImages(Dataset):
+    """The limit for case 1: items read from one raw file through np.memmap, copied out."""
+
+    def __init__(self, path: Path, n: int, shape: tuple[int, ...]) -> None:
+        self.mm = np.memmap(path, dtype=np.float32, mode="r", shape=(n, *shape))
+
+    def __len__(self) -> int:
+        return len(self.mm)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self.mm[i]))
+
+
+class TokenSource(Dataset):
+    """Ragged int64 token sequences, lengths 32..512, from one pre-generated flat array."""
+
+    def __init__(self, n: int, seed: int = 1) -> None:
+        self.n, self.seed = n, seed
+        rng = np.random.default_rng(seed)
+        self.lengths = rng.integers(32, 513, n)
+        self.starts = np.zeros(n + 1, np.int64)
+        np.cumsum(self.lengths, out=self.starts[1:])
+        self.flat = rng.integers(0, 50_000, int(self.starts[-1]), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.flat[self.starts[i] : self.starts[i + 1]].copy())
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"TokenSource-v1-{self.n}-{self.seed}"
+
+
+class SmallSource(Dataset):
+    """float32[256] items for the cold-epoch case."""
+
+    def __init__(self, n: int, seed: int = 2) -> None:
+        self.n, self.seed = n, seed
+        self.data = np.random.default_rng(seed).standard_normal((n, 256), dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.data[i].copy())
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"SmallSource-v1-{self.n}-{self.seed}"
+
+
+class TinySource(Dataset):
+    """int64[4] items (i, i+1, i+2, i+3) for the index-size case."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.arange(i, i + 4, dtype=torch.int64)
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"TinySource-v1-{self.n}"
+
+
+class Transformed(Dataset):
+    """The uncached baseline of case 3: ``transform(source[i])`` on every access."""
+
+    def __init__(self, source: Dataset, transform: Callable[[Any], Any]) -> None:
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.transform(self.source[i])
+
+
+# ---------------------------------------------------------------------------- transforms
+
+
+class BusyTransform:
+    """Spins on the CPU for ``ms`` milliseconds, then returns ``x * 2``."""
+
+    def __init__(self, ms: float = 1.0) -> None:
+        self.seconds = ms / 1e3
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return x * 2
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"BusyTransform-{self.seconds!r}"
+
+
+class NumpyTransform:
+    """A deterministic numpy computation: ``iters`` rounds of tanh(M @ v) on 16 columns of 16."""
+
+    def __init__(self, iters: int) -> None:
+        self.iters = iters
+        self.m = np.random.default_rng(3).standard_normal((16, 16)) / 4.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        v = x.numpy().astype(np.float64).reshape(16, 16)
+        m = self.m
+        for _ in range(self.iters):
+            v = np.tanh(m @ v)
+        return torch.from_numpy(v.astype(np.float32).reshape(-1))
+
+    def __cachedata_fingerprint__(self) -> str:
+        return f"NumpyTransform-{self.iters}"
+
+    @classmethod
+    def calibrated(cls, ms: float = 1.0) -> NumpyTransform:
+        """Pick ``iters`` so that one call costs about ``ms`` milliseconds on this machine."""
+        x = torch.ones(256)
+        probe = cls(200)
+        probe(x)
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(5):
+                probe(x)
+            times.append((time.perf_counter() - t0) / 5)
+        per_iter = statistics.median(times) / 200
+        return cls(max(1, round(ms / 1e3 / per_iter)))
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    med = statistics.median(values)
+    return {
+        "median": med,
+        "min": min(values),
+        "max": max(values),
+        "spread": (max(values) - min(values)) / med if med else 0.0,
+        "n": len(values),
+    }
+
+
+def _maybe_summary(values: list[float | None]) -> dict[str, float] | None:
+    return None if any(v is None for v in values) else summary(values)  # type: ignore[arg-type]
+
+
+def epoch(loader: DataLoader) -> int:
+    n = 0
+    for batch in loader:
+        n += len(batch)
+    return n
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each function per repeat, alternating the order so noise hits all of them."""
+    names = list(fns)
+    out: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            gc.collect()
+            out[name].append(timed(fns[name]))
+    return out
+
+
+def check_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if not (isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)):
+        raise SystemExit(f"benchmark sanity check failed: {what}: cachedata returned different data")
+
+
+def make_tmp(root: str | None, tag: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"cachedata-bench-{tag}-", dir=root))
+
+
+# -------------------------------------------------------------------------------- cases
+
+
+def case_images(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    tmp = make_tmp(tmp_root, "images")
+    try:
+        src = ImageSource(n)
+        raw = tmp / "images.f32"
+        t0 = time.perf_counter()
+        with open(raw, "wb") as f:
+            for i in range(n):
+                f.write(src.array(i).tobytes())
+        t_raw = time.perf_counter() - t0
+        cds = CachedDataset(src, tmp / "cache")
+        t0 = time.perf_counter()
+        cds.warm(num_workers=0, progress=False)
+        t_warm = time.perf_counter() - t0
+        # a fresh instance, as a later training run would open it
+        cds = CachedDataset(src, tmp / "cache")
+        mm = MemmapImages(raw, n, ImageSource.shape)
+        for i in (0, n // 2, n - 1):
+            check_equal(cds[i], src[i], f"image {i}")
+            check_equal(mm[i], src[i], f"memmap image {i}")
+        loaders = {
+            "cachedata": DataLoader(cds, batch_size=64, num_workers=0),
+            "memmap": DataLoader(mm, batch_size=64, num_workers=0),
+        }
+        for loader in loaders.values():  # page-cache (and allocator) warm-up, untimed
+            assert epoch(loader) == n
+        times = interleaved({k: (lambda ld=ld: epoch(ld)) for k, ld in loaders.items()}, repeats)
+        item_bytes = int(np.prod(ImageSource.shape)) * 4
+        ips = {k: summary([n / t for t in v]) for k, v in times.items()}
+        ratios = [b / a for a, b in zip(times["cachedata"], times["memmap"])]
+        ratio = statistics.median(times["memmap"]) / statistics.median(times["cachedata"])
+        stats = cds.stats
+        return {
+            "items": n,
+            "item_bytes": item_bytes,
+            "build": {
+                "raw_file_seconds": t_raw,
+                "warm_seconds": t_warm,
+                "warm_items_per_s": n / t_warm,
+                "cache_bytes_on_disk": sum(p.stat().st_size for p in cds.path.glob("*.h5")),
+            },
+            "cachedata_items_per_s": ips["cachedata"],
+            "memmap_items_per_s": ips["memmap"],
+            "cachedata_gb_per_s": ips["cachedata"]["median"] * item_bytes / 1e9,
+            "memmap_gb_per_s": ips["memmap"]["median"] * item_bytes / 1e9,
+            "ratio": ratio,
+            "ratio_per_repeat": summary(ratios),
+            "hit_rate": stats.hit_rate,
+            "target": ">= 0.70",
+            "pass": ratio >= 0.70,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def case_tokens(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    tmp = make_tmp(tmp_root, "tokens")
+    try:
+        src = TokenSource(n)
+        cds = CachedDataset(src, tmp / "cache")
+        t0 = time.perf_counter()
+        cds.warm(num_workers=0, batch_size=256, progress=False)
+        t_warm = time.perf_counter() - t0
+        cds = CachedDataset(src, tmp / "cache")
+        for i in (0, 1, n // 2, n - 1):
+            check_equal(cds[i], src[i], f"tokens {i}")
+        perm = np.random.default_rng(4).permutation(n).tolist()
+        batches = [perm[lo : lo + 256] for lo in range(0, n, 256)]
+        getitems = cds.__getitems__
+
+        def run_cached() -> None:
+            for b in batches:
+                getitems(b)
+
+        def run_memory() -> None:  # reference: slicing the source's in-memory array
+            get = src.__getitem__
+            for b in batches:
+                [get(i) for i in b]
+
+        run_cached()  # warm page cache and allocator
+        run_memory()
+        times = interleaved({"cachedata": run_cached, "in_memory": run_memory}, repeats)
+        ips = {k: summary([n / t for t in v]) for k, v in times.items()}
+        tok_bytes = int(src.lengths.sum()) * 8
+        return {
+            "items": n,
+            "mean_item_bytes": tok_bytes / n,
+            "build": {"warm_seconds": t_warm, "warm_items_per_s": n / t_warm},
+            "cachedata_items_per_s": ips["cachedata"],
+            "cachedata_us_per_item": 1e6 / ips["cachedata"]["median"],
+            "in_memory_items_per_s": ips["in_memory"],
+            "cachedata_vs_in_memory": ips["cachedata"]["median"] / ips["in_memory"]["median"],
+            "target": ">= 100000 items/s",
+            "pass": ips["cachedata"]["median"] >= 100_000,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def case_cold(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    tmp = make_tmp(tmp_root, "cold")
+    src = SmallSource(n)
+    out: dict[str, Any] = {"items": n, "target": "cachedata <= 1.10x uncached"}
+    try:
+        transforms = {"busy_wait_1ms": BusyTransform(1.0), "numpy_1ms": NumpyTransform.calibrated(1.0)}
+        out["numpy_iters"] = transforms["numpy_1ms"].iters
+        counter = [0]
+        for name, tf in transforms.items():
+            x = src[0]
+            t0 = time.perf_counter()
+            for _ in range(50):
+                tf(x)
+            per_call_ms = (time.perf_counter() - t0) / 50 * 1e3
+            parts: dict[str, list[float]] = {"construct": [], "epoch": [], "flush": []}
+
+            def run_cached(tf: Callable = tf, parts: dict = parts) -> None:
+                counter[0] += 1
+                folder = tmp / f"c{counter[0]}"  # fresh cache folder for every repeat
+                t0 = time.perf_counter()
+                cds = CachedDataset(src, folder, transform=tf)
+                t1 = time.perf_counter()
+                assert epoch(DataLoader(cds, batch_size=64, num_workers=0)) == n
+                t2 = time.perf_counter()
+                cds.flush()
+                t3 = time.perf_counter()
+                parts["construct"].append(t1 - t0)
+                parts["epoch"].append(t2 - t1)
+                parts["flush"].append(t3 - t2)
+                st = cds.stats
+                assert st.misses == n and st.writes == n, st
+
+            base_loader = DataLoader(Transformed(src, tf), batch_size=64, num_workers=0)
+            run_cached()  # warm-up: imports, allocator, first-call costs (untimed)
+            epoch(base_loader)
+            for k in parts:
+                parts[k].clear()
+            times = interleaved(
+                {"cachedata": run_cached, "uncached": lambda ld=base_loader: epoch(ld)}, repeats
+            )
+            ratios = [a / b for a, b in zip(times["cachedata"], times["uncached"])]
+            ratio = statistics.median(times["cachedata"]) / statistics.median(times["uncached"])
+            epoch_ratio = statistics.median(parts["epoch"]) / statistics.median(times["uncached"])
+            out[name] = {
+                "transform_ms_per_item": per_call_ms,
+                "cachedata_seconds": summary(times["cachedata"]),
+                "uncached_seconds": summary(times["uncached"]),
+                "cachedata_parts_seconds": {k: summary(v) for k, v in parts.items()},
+                "overhead_us_per_item": (
+                    statistics.median(times["cachedata"]) - statistics.median(times["uncached"])
+                )
+                / n
+                * 1e6,
+                "ratio": ratio,
+                "ratio_per_repeat": summary(ratios),
+                "epoch_only_ratio": epoch_ratio,
+                "pass": ratio <= 1.10,
+            }
+        out["pass"] = all(out[k]["pass"] for k in transforms)
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _vm_hwm() -> int | None:
+    """Peak RSS of this process in bytes (VmHWM), or None where /proc does not say."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _reset_hwm() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe_open(cache_dir: str, n: int) -> None:
+    """Subprocess side of case 4: construction to first item, RSS increase; prints JSON."""
+    import ctypes
+
+    import psutil
+
+    proc = psutil.Process()
+    src = TinySource(n)
+    gc.collect()
+    can_peak = _reset_hwm()
+    rss0 = proc.memory_info().rss
+    t0 = time.perf_counter()
+    ds = CachedDataset(src, cache_dir)
+    t1 = time.perf_counter()
+    x = ds[0]
+    t2 = time.perf_counter()
+    rss1 = proc.memory_info().rss
+    peak = _vm_hwm() if can_peak else None
+    y = ds[n - 1]
+    st = ds.stats
+    ok = torch.equal(x, src[0]) and torch.equal(y, src[n - 1]) and st.misses == 0 and st.hits == 2
+    # Diagnostic: how much of the increase is memory freed but kept by the C allocator.
+    trimmed = None
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        trimmed = proc.memory_info().rss - rss0
+    except (OSError, AttributeError):
+        pass
+    print(
+        json.dumps(
+            {
+                "open_seconds": t2 - t0,
+                "construct_seconds": t1 - t0,
+                "first_read_seconds": t2 - t1,
+                "rss_increase_bytes": rss1 - rss0,
+                "peak_rss_increase_bytes": None if peak is None else max(0, peak - rss0),
+                "rss_increase_after_malloc_trim_bytes": trimmed,
+                "ok": bool(ok),
+            }
+        )
+    )
+
+
+def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    tmp = make_tmp(tmp_root, "index")
+    try:
+        src = TinySource(n)
+        cds = CachedDataset(src, tmp / "cache")
+        t0 = time.perf_counter()
+        step = 65536
+        for lo in range(0, n, step):
+            cds.__getitems__(range(lo, min(n, lo + step)))
+        t1 = time.perf_counter()
+        cds.merge()
+        t2 = time.perf_counter()
+        files = sorted(p.name for p in cds.path.glob("*.h5"))
+        disk = sum(p.stat().st_size for p in cds.path.glob("*.h5"))
+        del cds
+        gc.collect()
+        runs = []
+        for _ in range(repeats):
+            res = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), "--_probe-open", str(tmp / "cache"), str(n)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if res.returncode != 0:
+                raise SystemExit(f"open probe failed:\n{res.stdout}\n{res.stderr}")
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        if not all(r["ok"] for r in runs):
+            raise SystemExit("benchmark sanity check failed: open probe read wrong data or missed")
+        open_s = summary([r["open_seconds"] for r in runs])
+        rss = summary([r["rss_increase_bytes"] for r in runs])
+        scale = n / 1_000_000
+        open_bound, rss_bound = 1.0 * scale, 100e6 * scale
+        return {
+            "items": n,
+            "build": {
+                "getitems_seconds": t1 - t0,
+                "merge_seconds": t2 - t1,
+                "items_per_s": n / (t2 - t0),
+                "files": files,
+                "bytes_on_disk": disk,
+            },
+            "open_seconds": open_s,
+            "construct_seconds": summary([r["construct_seconds"] for r in runs]),
+            "first_read_seconds": summary([r["first_read_seconds"] for r in runs]),
+            "rss_increase_bytes": rss,
+            "rss_bytes_per_item": rss["median"] / n,
+            "peak_rss_increase_bytes": _maybe_summary([r["peak_rss_increase_bytes"] for r in runs]),
+            "rss_increase_after_malloc_trim_bytes": _maybe_summary(
+                [r["rss_increase_after_malloc_trim_bytes"] for r in runs]
+            ),
+            "open_bound_seconds": open_bound,
+            "rss_bound_bytes": rss_bound,
+            "open_pass": open_s["median"] < open_bound,
+            "rss_pass": rss["median"] < rss_bound,
+            "pass": open_s["median"] < open_bound and rss["median"] < rss_bound,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def machine() -> dict[str, Any]:
+    try:
+        import psutil
+
+        mem = psutil.virtual_memory().total
+    except ImportError:
+        mem = None
+    cpu_model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import h5py
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": cpu_model,
+        "memory_bytes": mem,
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": list(os.getloadavg()),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "cachedata": cachedata.__version__,
+    }
+
+
+def fmt_rate(s: dict[str, float]) -> str:
+    return f"{s['median']:>10,.0f}/s ±{s['spread'] * 50:4.1f}%"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    rows: list[tuple[str, str, str, str]] = []
+    r = results.get("images")
+    if r:
+        rows.append(("1 images warm: cachedata", fmt_rate(r["cachedata_items_per_s"]),
+                     f"{r['cachedata_gb_per_s']:.2f} GB/s", ""))  # fmt: skip
+        rows.append(("1 images warm: memmap limit", fmt_rate(r["memmap_items_per_s"]),
+                     f"{r['memmap_gb_per_s']:.2f} GB/s", ""))  # fmt: skip
+        rp = r["ratio_per_repeat"]
+        rows.append(("1 images: cachedata / limit", f"{r['ratio']:.2f} [{rp['min']:.2f}..{rp['max']:.2f}]",
+                     r["target"], "PASS" if r["pass"] else "FAIL"))  # fmt: skip
+    r = results.get("tokens")
+    if r:
+        rows.append(("2 tokens __getitems__(256)", fmt_rate(r["cachedata_items_per_s"]),
+                     f"{r['cachedata_us_per_item']:.1f} us/item; target {r['target']}",
+                     "PASS" if r["pass"] else "FAIL"))  # fmt: skip
+        rows.append(("2 tokens in-memory reference", fmt_rate(r["in_memory_items_per_s"]), "", ""))
+    r = results.get("cold")
+    if r:
+        for name in ("busy_wait_1ms", "numpy_1ms"):
+            c = r[name]
+            rp = c["ratio_per_repeat"]
+            rows.append((f"3 cold {name}: uncached", f"{c['uncached_seconds']['median']:.3f} s "
+                         f"±{c['uncached_seconds']['spread'] * 50:.1f}%",
+                         f"transform {c['transform_ms_per_item']:.2f} ms/item", ""))  # fmt: skip
+            rows.append((f"3 cold {name}: cachedata", f"{c['cachedata_seconds']['median']:.3f} s "
+                         f"±{c['cachedata_seconds']['spread'] * 50:.1f}%",
+                         f"+{c['overhead_us_per_item']:.0f} us/item (epoch-only ratio "
+                         f"{c['epoch_only_ratio']:.3f})", ""))  # fmt: skip
+            rows.append((f"3 cold {name}: ratio", f"{c['ratio']:.3f} [{rp['min']:.3f}..{rp['max']:.3f}]",
+                         r["target"], "PASS" if c["pass"] else "FAIL"))  # fmt: skip
+    r = results.get("index")
+    if r:
+        n = r["items"]
+        rows.append((f"4 index open {n:,} items", f"{r['open_seconds']['median'] * 1e3:.0f} ms "
+                     f"±{r['open_seconds']['spread'] * 50:.1f}%",
+                     f"< {r['open_bound_seconds'] * 1e3:.0f} ms", "PASS" if r["open_pass"] else "FAIL"))  # fmt: skip
+        peak = r["peak_rss_increase_bytes"]
+        trim = r["rss_increase_after_malloc_trim_bytes"]
+        note = f"< {r['rss_bound_bytes'] / 1e6:.0f} MB"
+        if peak:
+            note += f"; peak +{peak['median'] / 1e6:.0f} MB"
+        if trim:
+            note += f"; after malloc_trim +{trim['median'] / 1e6:.0f} MB"
+        rows.append((f"4 index RSS {n:,} items", f"{r['rss_increase_bytes']['median'] / 1e6:.1f} MB "
+                     f"({r['rss_bytes_per_item']:.0f} B/item)", note,
+                     "PASS" if r["rss_pass"] else "FAIL"))  # fmt: skip
+        b = r["build"]
+        rows.append(("4 index build (__getitems__+merge)", f"{b['items_per_s']:>10,.0f}/s",
+                     f"{b['getitems_seconds']:.1f} s compute+write, {b['merge_seconds']:.1f} s merge", ""))  # fmt: skip
+    w = [max(len(row[i]) for row in rows) for i in range(4)]
+    print()
+    print(f"{'measure':<{w[0]}}  {'value':<{w[1]}}  {'note / target':<{w[2]}}  result")
+    print("-" * (sum(w) + 12))
+    for row in rows:
+        print(f"{row[0]:<{w[0]}}  {row[1]:<{w[1]}}  {row[2]:<{w[2]}}  {row[3]}")
+    print("(± is half the max-min spread of the repeats, relative to the median)")
+
+
+def main() -> int:
+    if len(sys.argv) == 4 and sys.argv[1] == "--_probe-open":
+        probe_open(sys.argv[2], int(sys.argv[3]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller datasets and 3 repeats (smoke run)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per case (>= 3; default 5, quick 3)"
+    )
+    parser.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for the run (default 1: collate's parallel copy is erratic on a "
+        "busy 2-core machine; 0 leaves torch's default)",
+    )
+    parser.add_argument(
+        "--tmp", default=None, help="folder for temporary files (default: the system's, /tmp)"
+    )
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "core.json"))
+    args = parser.parse_args()
+    repeats = args.repeats or (3 if args.quick else 5)
+    if repeats < 3:
+        parser.error("--repeats must be >= 3 (the median of at least 3 is reported)")
+    cases = {c.strip() for c in args.cases.split(",") if c.strip()}
+    sizes = {
+        "images": 300 if args.quick else 1500,
+        "tokens": 20_000 if args.quick else 100_000,
+        "cold": 500 if args.quick else 2000,
+        "index": 200_000 if args.quick else 1_000_000,
+    }
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
+    results: dict[str, Any] = {}
+    t_start = time.perf_counter()
+    plan = [
+        ("1", "images", case_images, repeats),
+        ("2", "tokens", case_tokens, repeats),
+        ("3", "cold", case_cold, repeats),
+        ("4", "index", case_index, 3),
+    ]
+    for num, name, fn, reps in plan:
+        if num not in cases and name not in cases:
+            continue
+        t0 = time.perf_counter()
+        print(f"[{num}] {name}: {sizes[name]:,} items, {reps} repeats ...", flush=True)
+        load0 = os.getloadavg()[0]
+        results[name] = fn(sizes[name], reps, args.tmp)
+        results[name]["case_seconds"] = time.perf_counter() - t0
+        results[name]["load_average_1min"] = [load0, os.getloadavg()[0]]
+        print(
+            f"    done in {results[name]['case_seconds']:.1f} s "
+            f"(1-min load average {load0:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)",
+            flush=True,
+        )
+    print_table(results)
+    all_pass = all(r["pass"] for r in results.values())
+    report = {
+        "benchmark": "bench_core",
+        "quick": args.quick,
+        "repeats": repeats,
+        "sizes": sizes,
+        "machine": machine(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "total_seconds": time.perf_counter() - t_start,
+        "results": results,
+        "all_pass": all_pass,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    os.replace(tmp, out)
+    print(f"\n{'ALL PASS' if all_pass else 'SOME FAIL'}; total {report['total_seconds']:.0f} s; wrote {out}")
+    return 0 if all_pass else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

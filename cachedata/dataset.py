@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 
 from . import schema as schema_mod
 from ._version import __version__
-from .fingerprint import fingerprint
+from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
 from .namespace import MAX_SHARDS, Identity, ReadOnly, Store
 from .stats import CacheStats, Counters
 
@@ -76,8 +77,10 @@ class CachedDataset(Dataset):
         self._base_len = len(self._base)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
-        dataset_fp = _fingerprint_part(self._base, "dataset", fallback=version is not None or key is not None)
-        transform_fp = _fingerprint_part(transform, "transform", fallback=version is not None)
+        dataset_fp, dataset_tree = _fingerprint_part(
+            self._base, "dataset", fallback=version is not None or key is not None
+        )
+        transform_fp, transform_tree = _fingerprint_part(transform, "transform", fallback=version is not None)
         self.fingerprint: str = fingerprint(
             {
                 "cachedata_format": 1,
@@ -99,10 +102,14 @@ class CachedDataset(Dataset):
         self._main_pid = os.getpid()
         self._all_keys: np.ndarray | None = None
         self._warned_readonly = False
+        meta = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
+        is_new = not (self.path / "meta.json").exists()
         try:
-            self._store.create(self._meta(dataset_fp, transform_fp))
+            self._store.create(meta)
         except ReadOnly as exc:
             self._read_only(exc)
+        if is_new:
+            _explain_new_namespace(self.cache_dir, meta)
 
     # -- Dataset protocol -------------------------------------------------------------------
 
@@ -404,7 +411,7 @@ class CachedDataset(Dataset):
                 exc,
             )
 
-    def _meta(self, dataset_fp: str, transform_fp: str) -> dict:
+    def _meta(self, dataset_fp: str, transform_fp: str, tree: dict[str, str]) -> dict:
         import h5py
 
         return {
@@ -415,6 +422,7 @@ class CachedDataset(Dataset):
             "transform": {"repr": repr(self.transform)[:2000], "fingerprint": transform_fp},
             "version": self.version,
             "key": "index" if self.key is None else "custom",
+            "tree": tree,
             "versions": {
                 "cachedata": __version__,
                 "python": sys.version.split()[0],
@@ -461,9 +469,10 @@ def _unwrap(dataset: Any) -> tuple[Any, np.ndarray | None]:
     return dataset, indices
 
 
-def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> str:
+def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict[str, str]]:
+    """(digest, attribute-path tree) of the dataset or transform, or a type-based stand-in."""
     try:
-        return fingerprint(obj)
+        return _fingerprint_tree(obj, root=what)
     except TypeError as exc:
         if not fallback:
             hint = (
@@ -476,7 +485,47 @@ def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> str:
                 f"Pass {hint} to name the namespace yourself"
             ) from None
         logger.info("cachedata: %s is named by its type and version= (%s)", what, exc)
-        return fingerprint({"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None})
+        stand_in = {"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None}
+        return fingerprint(stand_in), {what: f"{_qualname(obj)} (named by version=)"}
+
+
+def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
+    """Log once why a new namespace was made beside existing ones of the same dataset type."""
+    try:
+        siblings = [p / "meta.json" for p in cache_dir.iterdir() if p.name != meta["fingerprint"]]
+    except OSError:
+        return
+    best: tuple[int, dict] | None = None
+    for path in siblings:
+        try:
+            other = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if other.get("dataset", {}).get("type") != meta["dataset"]["type"]:
+            continue
+        lines = _diff_trees(other.get("tree", {}), meta["tree"])
+        if best is None or len(lines) < best[0]:
+            best = (len(lines), {"other": other, "lines": lines})
+    if best is None:
+        return
+    other, lines = best[1]["other"], best[1]["lines"]
+    parts = [
+        name
+        for name, a, b in (
+            ("dataset", other.get("dataset", {}).get("fingerprint"), meta["dataset"]["fingerprint"]),
+            ("transform", other.get("transform", {}).get("fingerprint"), meta["transform"]["fingerprint"]),
+            ("version", other.get("version"), meta["version"]),
+        )
+        if a != b
+    ]
+    shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
+    logger.info(
+        "cachedata: new namespace %s differs from %s in %s: %s",
+        meta["fingerprint"][:12],
+        str(other.get("fingerprint", "?"))[:12],
+        ", ".join(parts) or "key mode",
+        shown or "(no attribute-level difference recorded)",
+    )
 
 
 def _qualname(obj: Any) -> str:

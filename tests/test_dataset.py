@@ -419,3 +419,17 @@ def test_read_only_cache_dir(read_only_view, caplog):
     fresh = CachedDataset(Ragged(10, seed=4), view, transform=add_one)  # no namespace folder at all
     assert fresh[0]["label"] == 0
     assert leftovers(src) == []
+
+
+def test_new_namespace_logs_which_attribute_changed(tmp_path, caplog):
+    from torchvision.transforms import v2
+
+    CachedDataset(Ragged(3), tmp_path, transform=v2.Compose([v2.Resize(224), v2.Normalize([0.5], [0.2])]))
+    caplog.clear()
+    ds = CachedDataset(Ragged(3), tmp_path, transform=v2.Compose([v2.Resize(256), v2.Normalize([0.5], [0.2])]))
+    msgs = [r.getMessage() for r in caplog.records if "new namespace" in r.getMessage()]
+    assert len(msgs) == 1 and "in transform" in msgs[0] and "224" in msgs[0] and "256" in msgs[0], msgs
+    import json
+
+    meta = json.loads((ds.path / "meta.json").read_text())
+    assert any(k.startswith("transform") for k in meta["tree"])

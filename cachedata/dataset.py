@@ -239,6 +239,20 @@ class CachedDataset(Dataset):
             raise IndexError(f"CachedDataset index {index} out of range for length {n}")
         return int(self._indices[i]) if self._indices is not None else i
 
+    def _base_indices(self, indices: Sequence[int]) -> list[int]:
+        """Vectorized ``_base_index`` for the common case of a list of in-range ints."""
+        if type(indices) is list and all(type(i) is int for i in indices):
+            arr = np.asarray(indices, np.int64) if indices else np.empty(0, np.int64)
+            n = self._len
+            if len(arr) and (arr.min() < -n or arr.max() >= n):
+                bad = next(i for i in indices if not -n <= i < n)
+                raise IndexError(f"CachedDataset index {bad} out of range for length {n}")
+            arr = np.where(arr < 0, arr + n, arr)
+            if self._indices is not None:
+                arr = self._indices[arr]
+            return arr.tolist()
+        return [self._base_index(i) for i in indices]
+
     def _key_of(self, base_index: int) -> int:
         if self.key is None:
             return base_index
@@ -247,8 +261,8 @@ class CachedDataset(Dataset):
     def _get(self, indices: Sequence[int], *, single: bool, post: bool = True) -> list[Any]:
         store = self._store
         store.check_pid()
-        base = [self._base_index(i) for i in indices]
-        keys = [self._key_of(b) for b in base]
+        base = self._base_indices(indices)
+        keys = base if self.key is None else [self._key_of(b) for b in base]
         out: list[Any] = [None] * len(keys)
         todo = list(range(len(keys)))  # positions still missing
         t0 = time.perf_counter()
@@ -261,8 +275,8 @@ class CachedDataset(Dataset):
             if attempt and not store.refresh():
                 break
             missing, hit_pos, hit_rows = [], [], []
-            for p in todo:
-                r = store.lookup(keys[p])
+            found = store.lookups([keys[p] for p in todo] if attempt else keys)
+            for p, r in zip(todo, found):
                 if r >= 0:
                     hit_pos.append(p)
                     hit_rows.append(r)

@@ -27,7 +27,12 @@ class Index:
         self.size = np.empty(cap, np.int64)
         self.checksum = np.empty(cap, np.uint64)
         self.slots = np.empty((cap, nslots), np.int64)
-        self._dense = np.full(dense_size, -1, np.int64) if dense_size is not None else None
+        # Rows fit int32 below 2**31 items: half the memory of the key -> row map.
+        self._dense = (
+            np.full(dense_size, -1, np.int32 if (dense_size or 0) < 2**31 else np.int64)
+            if dense_size is not None
+            else None
+        )
         self._map: dict[int, int] = {}
         self.count = 0  # keys that have a row
 
@@ -64,6 +69,14 @@ class Index:
         n = len(fi.keys)
         if not n:
             return
+        if self._n == 0 and len(self.file) < n:
+            # First big file (a merged one): adopt its freshly read columns, no copy.
+            self.file = np.full(n, fid, np.int32)
+            self.offset, self.size, self.checksum = fi.offsets, fi.sizes, fi.checksums
+            self.slots = fi.slots
+            self._n = n
+            self._map_rows(fi.keys, np.arange(n, dtype=np.int64), override)
+            return
         self._grow(self._n + n)
         lo, hi = self._n, self._n + n
         self.file[lo:hi] = fid
@@ -72,19 +85,24 @@ class Index:
         self.checksum[lo:hi] = fi.checksums
         self.slots[lo:hi] = fi.slots
         self._n = hi
-        rows = np.arange(lo, hi, dtype=np.int64)
+        self._map_rows(fi.keys, np.arange(lo, hi, dtype=np.int64), override)
+
+    def _map_rows(self, keys: np.ndarray, rows: np.ndarray, override: bool) -> None:
+        """Point keys at rows (keys are unique within one file by construction)."""
         if self._dense is not None:
-            keys = fi.keys
             ok = (keys >= 0) & (keys < len(self._dense))
-            keys, rows = keys[ok], rows[ok]
+            if not ok.all():
+                keys, rows = keys[ok], rows[ok]
+            free = self._dense[keys] < 0
             if not override:
-                free = self._dense[keys] < 0
                 keys, rows = keys[free], rows[free]
-            self.count += np.unique(keys[self._dense[keys] < 0]).size
+                self.count += len(keys)
+            else:
+                self.count += int(np.count_nonzero(free))
             self._dense[keys] = rows
         else:
             m = self._map
-            for k, r in zip(fi.keys.tolist(), rows.tolist()):
+            for k, r in zip(keys.tolist(), rows.tolist()):
                 if override or k not in m:
                     if k not in m:
                         self.count += 1

@@ -275,6 +275,14 @@ class Store:
         """Row of ``key`` in the index, or -1 (also -1 before anything is on disk)."""
         return self.index.row(key) if self.index is not None else -1
 
+    def lookups(self, keys: list[int]) -> list[int]:
+        """Rows of many keys at once (-1 where missing)."""
+        if self.index is None:
+            return [-1] * len(keys)
+        if len(keys) < 8:
+            return [self.index.row(k) for k in keys]
+        return self.index.rows(np.asarray(keys, np.int64)).tolist()
+
     def read(self, rows: list[int], keys: list[int]) -> list[tuple[bytearray, list[int]] | None]:
         """Payload buffers and slots for index rows; None where the checksum fails."""
         idx = self.index

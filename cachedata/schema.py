@@ -319,9 +319,13 @@ class Decoder:
         self.leaves: list[_Leaf] = []
         self._build = self._compile(schema)
         self.nslots = sum(leaf.nslots for leaf in self.leaves)
+        self._single = self.leaves[0] if self._build is next else None
 
     def decode(self, buf: bytearray, base: int, slots: list[int]) -> Any:
         """Rebuild one item whose payload starts at ``buf[base]`` (16-byte aligned)."""
+        if self._single is not None:  # one leaf, no containers: the token/image fast path
+            leaf = self._single
+            return leaf.decode(buf, base, leaf.size(slots), slots)
         vals = []
         off = base
         j = 0
@@ -362,7 +366,8 @@ def _leaf(node: dict) -> _Leaf:
         def dec_tensor(buf, off, n, s, dtype=dtype):
             if n == 0:
                 return torch.empty(s, dtype=dtype)
-            return torch.frombuffer(buf, dtype=dtype, count=n // item, offset=off).view(s)
+            flat = torch.frombuffer(buf, dtype=dtype, count=n // item, offset=off)
+            return flat if ndim == 1 else flat.view(s)  # view() costs microseconds: skip for 1-D
 
         return _Leaf(ndim, 16 if item >= 16 else _ALIGN, lambda s: math.prod(s) * item, dec_tensor)
     if t in ("ndarray", "npscalar", "pil"):

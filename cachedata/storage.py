@@ -243,7 +243,12 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
             data_offset = None if compressed or total == 0 else data.id.get_offset()
             if not compressed and total and data_offset is None:
                 raise CorruptFile(f"{path}: /data has no storage")
-            rows = f["index"][()]
+            index = f["index"]
+            names = index.dtype.names or ()
+            if names[:4] != ("key", "offset", "size", "checksum"):
+                raise CorruptFile(f"{path}: /index has fields {names}")
+            # Field by field: no transient copy of the whole compound table (index memory).
+            cols = {name: index.fields(name)[()] for name in names}
             schema = _text(f.attrs.get("schema"))
             kind = _text(f.attrs.get("kind"))
             sources = tuple(json.loads(_text(f.attrs.get("sources")) or "[]"))
@@ -251,24 +256,22 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
         raise
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise CorruptFile(f"{path}: {exc}") from exc
-    names = rows.dtype.names or ()
-    if names[:4] != ("key", "offset", "size", "checksum"):
-        raise CorruptFile(f"{path}: /index has fields {names}")
-    offsets = rows["offset"].astype(np.int64)
-    sizes = rows["size"].astype(np.int64)
-    if len(rows) and (
+    offsets = cols["offset"].astype(np.int64, copy=False)
+    sizes = cols["size"].astype(np.int64, copy=False)
+    if len(offsets) and (
         offsets.min() < 0 or sizes.min() < 0 or int((offsets + sizes).max()) > total or offsets.max() > total
     ):
         raise CorruptFile(f"{path}: /index points outside /data ({total} bytes)")
-    slots = rows["slots"].astype(np.int64) if "slots" in names else np.zeros((len(rows), 0), np.int64)
+    n = len(offsets)
+    slots = cols["slots"].astype(np.int64, copy=False) if "slots" in names else np.zeros((n, 0), np.int64)
     if slots.ndim == 1:
         slots = slots[:, None]
     return FileIndex(
         path=path,
-        keys=rows["key"].astype(np.int64),
+        keys=cols["key"].astype(np.int64, copy=False),
         offsets=offsets,
         sizes=sizes,
-        checksums=rows["checksum"].astype(np.uint64),
+        checksums=cols["checksum"].astype(np.uint64, copy=False),
         slots=slots,
         schema=schema or "",
         data_offset=data_offset,

@@ -426,7 +426,9 @@ def test_new_namespace_logs_which_attribute_changed(tmp_path, caplog):
 
     CachedDataset(Ragged(3), tmp_path, transform=v2.Compose([v2.Resize(224), v2.Normalize([0.5], [0.2])]))
     caplog.clear()
-    ds = CachedDataset(Ragged(3), tmp_path, transform=v2.Compose([v2.Resize(256), v2.Normalize([0.5], [0.2])]))
+    ds = CachedDataset(
+        Ragged(3), tmp_path, transform=v2.Compose([v2.Resize(256), v2.Normalize([0.5], [0.2])])
+    )
     msgs = [r.getMessage() for r in caplog.records if "new namespace" in r.getMessage()]
     assert len(msgs) == 1 and "in transform" in msgs[0] and "224" in msgs[0] and "256" in msgs[0], msgs
     import json

@@ -118,6 +118,7 @@ class CachedDataset(Dataset):
             # Samplers call len() at the start of every epoch: a cheap moment (one directory
             # listing) for the main process to pick up its workers' shards and to merge a
             # namespace that has become complete.
+            self._rank = _current_rank(default=self._rank)
             self._housekeeping()
         return self._len
 

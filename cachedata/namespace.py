@@ -19,6 +19,7 @@ state here is per process: it is dropped when pickled and rebuilt when the pid c
 from __future__ import annotations
 
 import atexit
+import errno
 import json
 import logging
 import multiprocessing.util
@@ -121,9 +122,13 @@ class Store:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / "meta.json").exists():
-                _create_once(self.path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+                try:
+                    _create_once(self.path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
+                except FileExistsError:
+                    pass  # another process (rank) created it a moment ago: same namespace
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(f"no write permission on {self.path}")
+            sweep(self.path)  # leftovers of killed writers
         except OSError as exc:
             raise ReadOnly(str(exc)) from exc
 
@@ -297,12 +302,17 @@ class Store:
             reader = idx.readers[f]
             try:
                 reader.read_into(memoryview(buf), off)
-            except FileNotFoundError:
-                # Merged away before this process opened it: refresh() finds the new file.
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                    self._bad_item(reader.index.path, key, exc)
+                    out.append(None)
+                    continue
+                # Merged away (or, on NFS, a stale handle) before this process opened it:
+                # refresh() finds the newer file.
                 self._vanished = True
                 out.append(None)
                 continue
-            except (OSError, CorruptFile) as exc:
+            except CorruptFile as exc:
                 self._bad_item(reader.index.path, key, exc)
                 out.append(None)
                 continue
@@ -432,11 +442,7 @@ class Store:
             # appeared after the refresh above are not in _seen and stay.
             stale = set(sources) | {n for n in self._seen if _SHARD_RE.match(n)}
             stale |= {n for n in os.listdir(self.path) if _MERGED_RE.match(n) and n < target.name}
-            for name in stale:
-                try:
-                    (self.path / name).unlink()
-                except FileNotFoundError:
-                    pass
+            _retire(self.path, stale)
             self.refresh()
             logger.info("cachedata: merged %d files (%d items) into %s", len(sources), len(keys), target.name)
             return True
@@ -517,6 +523,110 @@ def _seal_at_exit(buf: _Buffer) -> None:
         buf.write()
     except Exception as exc:
         logger.warning("cachedata: could not store %d buffered items at exit: %s", len(buf.items), exc)
+
+
+#: Superseded files stay (renamed) this long, in seconds, for readers on other nodes.
+RETIRE_SECONDS = 600.0
+_RETIRED_RE = re.compile(r"^retired-(\d+)-")
+_TMP_RE = re.compile(r"^\.tmp-(.+?)-(\d+)-[0-9a-f]{8}-")
+
+
+def _retire(folder: Path, names: set[str]) -> None:
+    """Take superseded files out of the listing without deleting them yet.
+
+    A reader that still has one open keeps reading it: locally an unlinked file would do,
+    but on NFS another client's open file must still exist (or its reads fail with ESTALE).
+    Renamed files are deleted by a later merge once older than RETIRE_SECONDS.
+    """
+    stamp = time.time_ns()
+    keep = shared_filesystem(folder)
+    for name in names:
+        try:
+            if keep:
+                os.replace(folder / name, folder / f"retired-{stamp}-{name}")
+            else:
+                os.unlink(folder / name)  # local: open descriptors keep an unlinked file alive
+        except FileNotFoundError:
+            pass
+    sweep(folder)
+
+
+#: Filesystem types where another machine may hold a file open (checked in /proc/self/mounts).
+_NETWORK_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "fuse",
+)
+
+
+def shared_filesystem(path: Path) -> bool:
+    """True when ``path`` lives on a network filesystem (or CACHEDATA_SHARED_FS=1 says so)."""
+    forced = os.environ.get("CACHEDATA_SHARED_FS")
+    if forced is not None:
+        return forced not in ("", "0", "false", "no")
+    try:
+        real = os.path.realpath(path)
+        best, fstype = "", ""
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) >= len(best):
+                        best, fstype = parts[1], parts[2]
+    except OSError:
+        return False
+    return fstype.startswith(_NETWORK_FS)
+
+
+def sweep(folder: Path, *, retire_seconds: float = RETIRE_SECONDS) -> list[str]:
+    """Delete retired files past their grace period and temporary files of dead writers."""
+    removed = []
+    now = time.time()
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _RETIRED_RE.match(e.name)
+        dead = False
+        if m:
+            dead = now - int(m.group(1)) / 1e9 > retire_seconds
+        else:
+            t = _TMP_RE.match(e.name)
+            if t:
+                try:
+                    age = now - e.stat().st_mtime
+                except OSError:
+                    continue
+                same_host = t.group(1) == host
+                dead = (same_host and not _alive(int(t.group(2)))) or age > _LOCK_STALE_SECONDS
+        if dead:
+            try:
+                os.unlink(e.path)
+                removed.append(e.name)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -93,7 +94,7 @@ def write_file(
     offsets = np.zeros(len(sizes), np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     total = int(sizes.sum())
-    tmp = path.with_name(f".tmp-{os.uname().nodename}-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
     try:
         with h5py.File(tmp, "w", locking=False) as f:
             if compression:

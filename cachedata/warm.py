@@ -60,7 +60,14 @@ def warm(ds: CachedDataset, *, num_workers: int | None, batch_size: int | None, 
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     ds.flush()
-    todo = missing_positions(ds)[rank::world]
+    if distributed:
+        # One list for all ranks (rank 0's view), so that the shares neither overlap nor miss.
+        dist.barrier()
+        box = [missing_positions(ds) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        todo = box[0][rank::world]
+    else:
+        todo = missing_positions(ds)
     if num_workers is None:
         num_workers = min(8, os.cpu_count() or 1)
     if batch_size is None:

@@ -435,3 +435,44 @@ def test_new_namespace_logs_which_attribute_changed(tmp_path, caplog):
 
     meta = json.loads((ds.path / "meta.json").read_text())
     assert any(k.startswith("transform") for k in meta["tree"])
+
+
+def test_shared_filesystem_retires_instead_of_deleting(tmp_path, monkeypatch):
+    """On NFS-like folders superseded files stay readable (renamed) for other nodes' readers."""
+    from cachedata import namespace
+
+    monkeypatch.setenv("CACHEDATA_SHARED_FS", "1")
+    ds = CachedDataset(Ragged(6), tmp_path)
+    [ds[i] for i in range(6)]
+    ds.flush()
+    (shard,) = ds.path.glob("shard-*.h5")
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        ds.merge()
+        retired = list(ds.path.glob("retired-*"))
+        assert len(retired) == 1 and retired[0].name.endswith(shard.name)
+        assert os.pread(fd, 8, 0) == retired[0].read_bytes()[:8]
+        assert namespace.sweep(ds.path) == []  # within the grace period
+        assert namespace.sweep(ds.path, retire_seconds=0) == [retired[0].name]
+    finally:
+        os.close(fd)
+    assert [p.name for p in ds.path.glob("*.h5")] == ["merged-000001.h5"]
+
+
+def test_leftover_temporary_files_of_dead_writers_are_swept(tmp_path):
+    import socket
+
+    ds = CachedDataset(Ragged(3), tmp_path)
+    ds[0]
+    ds.flush()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    pid = int(dead.stdout)
+    stale = ds.path / f".tmp-{socket.gethostname()}-{pid}-0123abcd-shard-x.h5"
+    live = ds.path / f".tmp-{socket.gethostname()}-{os.getpid()}-0123abcd-shard-y.h5"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"in progress")
+    CachedDataset(Ragged(3), tmp_path)  # opening the namespace sweeps
+    assert not stale.exists() and live.exists()
+    live.unlink()

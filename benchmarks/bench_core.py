@@ -491,7 +491,8 @@ def probe_open(cache_dir: str, n: int) -> None:
     peak = _vm_hwm() if can_peak else None
     y = ds[n - 1]
     st = ds.stats
-    ok = torch.equal(x, src[0]) and torch.equal(y, src[n - 1]) and st.misses == 0 and st.hits == 2
+    same = torch.equal(x, src[0]) and torch.equal(y, src[n - 1])
+    ok = same and st.misses == 0 and st.hits == 2
     # Diagnostic: how much of the increase is memory freed but kept by the C allocator.
     trimmed = None
     try:
@@ -509,6 +510,10 @@ def probe_open(cache_dir: str, n: int) -> None:
                 "peak_rss_increase_bytes": None if peak is None else max(0, peak - rss0),
                 "rss_increase_after_malloc_trim_bytes": trimmed,
                 "ok": bool(ok),
+                "equal": bool(same),
+                "hits": st.hits,
+                "misses": st.misses,
+                "fingerprint": ds.fingerprint,
             }
         )
     )
@@ -526,6 +531,7 @@ def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
         t1 = time.perf_counter()
         cds.merge()
         t2 = time.perf_counter()
+        built_fp = cds.fingerprint
         files = sorted(p.name for p in cds.path.glob("*.h5"))
         disk = sum(p.stat().st_size for p in cds.path.glob("*.h5"))
         del cds
@@ -541,8 +547,14 @@ def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
             if res.returncode != 0:
                 raise SystemExit(f"open probe failed:\n{res.stdout}\n{res.stderr}")
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
-        if not all(r["ok"] for r in runs):
-            raise SystemExit("benchmark sanity check failed: open probe read wrong data or missed")
+        bad = [r for r in runs if not r["ok"]]
+        if bad:
+            raise SystemExit(
+                f"benchmark sanity check failed: the open probe (namespace {bad[0]['fingerprint']}, built "
+                f"as {built_fp}) read equal={bad[0]['equal']}, hits={bad[0]['hits']}, "
+                f"misses={bad[0]['misses']}; a different namespace means the fingerprint code changed "
+                "between the build and the probe"
+            )
         open_s = summary([r["open_seconds"] for r in runs])
         rss = summary([r["rss_increase_bytes"] for r in runs])
         scale = n / 1_000_000
@@ -704,7 +716,11 @@ def main() -> int:
     parser.add_argument(
         "--tmp", default=None, help="folder for temporary files (default: the system's, /tmp)"
     )
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "core.json"))
+    parser.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results" / "core.json"),
+        help="where the JSON results go (default benchmarks/results/core.json)",
+    )
     args = parser.parse_args()
     repeats = args.repeats or (3 if args.quick else 5)
     if repeats < 3:

@@ -251,15 +251,28 @@ def read_meta(path: Path) -> dict:
 
 
 def list_cache_files(path: Path) -> tuple[list[str], list[str]]:
-    """(merged file names, shard file names) in a namespace folder, each sorted."""
+    """(merged file names, shard file names) in a namespace folder, each sorted.
+
+    Symbolic links are left out, as readers ignore them (see ``linked_cache_files``).
+    """
     merged, shards = [], []
     with os.scandir(path) as it:
         for e in it:
+            if e.is_symlink():
+                continue
             if _MERGED_RE.match(e.name):
                 merged.append(e.name)
             elif _SHARD_RE.match(e.name):
                 shards.append(e.name)
     return sorted(merged), sorted(shards)
+
+
+def linked_cache_files(path: Path) -> list[str]:
+    """Names of symbolic links in a namespace folder named like cache files (never created by cachedata)."""
+    with os.scandir(path) as it:
+        return sorted(
+            e.name for e in it if e.is_symlink() and (_MERGED_RE.match(e.name) or _SHARD_RE.match(e.name))
+        )
 
 
 def _file_stats(path: Path) -> tuple[int, float | None, float | None]:
@@ -411,6 +424,8 @@ def _load_file(path: Path, fingerprint: str, schema: str | None) -> FileIndex | 
     """A file's index, a Problem when it cannot be trusted, or None when it vanished."""
     try:
         fi = read_index(path, namespace=fingerprint)
+    except FileNotFoundError:
+        return None
     except CorruptFile as exc:
         if not path.exists():
             return None
@@ -459,7 +474,7 @@ def _check_rows(reader: Reader, fi: FileIndex, rows: list[int]) -> list[Problem]
     problems = []
     for r in rows:
         key, off, size = int(fi.keys[r]), int(fi.offsets[r]) - lo, int(fi.sizes[r])
-        if checksum(key, view[off : off + size]) != int(fi.checksums[r]):
+        if checksum(key, view[off : off + size], fi.slots[r].tolist()) != int(fi.checksums[r]):
             problems.append(Problem(str(fi.path), key, "checksum mismatch"))
     return problems
 
@@ -479,26 +494,42 @@ def _check_file(fi: FileIndex, progress: Any) -> list[Problem] | None:
     return problems
 
 
+def count_rows(path: Path) -> int:
+    """Index rows in a namespace's cache files, for a progress total (unreadable files: 0)."""
+    total = 0
+    merged, shards = list_cache_files(path)
+    for name in merged + shards:
+        try:
+            with h5py.File(path / name, "r", locking=False) as f:
+                total += int(f["index"].shape[0])
+        except Exception:  # h5py raises many types for a damaged file; verify reports it
+            continue
+    return total
+
+
 def verify_namespace(path: Path, progress: Any) -> VerifyResult:
     """Check every item of every cache file in a namespace folder against its checksum.
 
-    Files that appear while this runs (a concurrent merge) are checked too; files merged
-    away before they could be opened are counted as ``vanished``.
+    ``progress`` (a tqdm bar) advances by one per item; its total should already include
+    ``count_rows(path)``. Files that appear while this runs (a concurrent merge) are checked
+    too and added to the total; files merged away before they could be opened are counted
+    as ``vanished``.
     """
     schema = _namespace_schema(path)
     done: set[str] = set()
     files = items = vanished = 0
     problems: list[Problem] = []
-    for _ in range(4):
+    for round_ in range(4):
         merged, shards = list_cache_files(path)
         todo = [n for n in merged + shards if n not in done]
         if not todo:
             break
         loaded = [(n, _load_file(path / n, path.name, schema)) for n in todo]
-        progress.total = (progress.total or 0) + sum(
-            len(x.keys) for _, x in loaded if isinstance(x, FileIndex)
-        )
-        progress.refresh()
+        if round_:
+            progress.total = (progress.total or 0) + sum(
+                len(x.keys) for _, x in loaded if isinstance(x, FileIndex)
+            )
+            progress.refresh()
         for name, x in loaded:
             done.add(name)
             if x is None:
@@ -514,6 +545,8 @@ def verify_namespace(path: Path, progress: Any) -> VerifyResult:
                     files += 1
                     items += len(x.keys)
                     problems += found
+    for name in linked_cache_files(path):
+        problems.append(Problem(str(path / name), None, "a symbolic link: readers ignore it; delete it"))
     return VerifyResult(path.name, str(path), files, items, vanished, tuple(problems))
 
 
@@ -695,7 +728,7 @@ def _resolve_path(args: argparse.Namespace) -> Path:
 def _targets(args: argparse.Namespace, path: Path) -> list[Path]:
     namespaces = find_namespaces(path)
     fp = getattr(args, "namespace", None)
-    return [select_namespace(namespaces, fp, path)] if fp else namespaces
+    return [select_namespace(namespaces, fp, path)] if fp is not None else namespaces
 
 
 def _info_json(info: NamespaceInfo, diff: Difference | None) -> dict:
@@ -769,7 +802,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(render_table(header, _info_rows(infos, now), right=(1, 2, 3, 4)))
     total = sum(i.bytes for i in infos)
     print(f"\n{len(infos)} namespace(s), {format_size(total)} under {path}")
-    if args.verbose or args.namespace:
+    if args.verbose or args.namespace is not None:
         for info in infos:
             print()
             print(_info_details(info, diffs[info.fingerprint], now))
@@ -810,9 +843,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     path = _resolve_path(args)
     targets = _targets(args, path)
-    bar = tqdm(
-        total=0, desc="verifying", unit="item", file=sys.stderr, disable=not _progress_enabled(args.progress)
-    )
+    enabled = _progress_enabled(args.progress)
+    total = sum(count_rows(p) for p in targets) if enabled else 0
+    bar = tqdm(total=total, desc="verifying", unit="item", file=sys.stderr, disable=not enabled)
     try:
         results = [verify_namespace(p, bar) for p in targets]
     finally:

@@ -123,6 +123,27 @@ class CachedDataset(Dataset):
         return self._len
 
     def __getitem__(self, index: int) -> Any:
+        store = self._store
+        # Fast path for the common hit: plain int index, default keys, nothing unusual.
+        if type(index) is int and self.key is None and store.index is not None and store.pid == os.getpid():
+            n = self._len
+            i = index + n if index < 0 else index
+            if 0 <= i < n:
+                key = int(self._indices[i]) if self._indices is not None else i
+                row = store.index.row(key)
+                if row >= 0:
+                    t0 = time.perf_counter()
+                    got = store.read_one(row, key)
+                    if got is not None:
+                        try:
+                            item = store.decoder.decode(got[0], 0, got[1])
+                        except (ValueError, RuntimeError) as exc:
+                            store.bad_item(key, exc)
+                        else:
+                            self._counters.add(self._row(), hits=1, bytes_read=len(got[0]),
+                                               read_seconds=time.perf_counter() - t0)  # fmt: skip
+                            store.touch()
+                            return self.post_transform(item) if self.post_transform is not None else item
         return self._get([index], single=True)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -242,7 +263,7 @@ class CachedDataset(Dataset):
 
     def _base_indices(self, indices: Sequence[int]) -> list[int]:
         """Vectorized ``_base_index`` for the common case of a list of in-range ints."""
-        if type(indices) is list and all(type(i) is int for i in indices):
+        if type(indices) is list and len(indices) > 16 and all(type(i) is int for i in indices):
             arr = np.asarray(indices, np.int64) if indices else np.empty(0, np.int64)
             n = self._len
             if len(arr) and (arr.min() < -n or arr.max() >= n):
@@ -291,9 +312,14 @@ class CachedDataset(Dataset):
                 for p, got in zip(hit_pos, store.read(hit_rows, [keys[p] for p in hit_pos])):
                     if got is None:
                         missing.append(p)  # failed its checksum: recompute
-                    else:
+                        continue
+                    try:
                         out[p] = store.decoder.decode(got[0], 0, got[1])
-                        nbytes += len(got[0])
+                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
+                        store.bad_item(keys[p], exc)
+                        missing.append(p)
+                        continue
+                    nbytes += len(got[0])
             todo = missing
             if not todo:
                 break

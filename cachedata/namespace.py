@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from . import schema as schema_mod
 from .index import Index
@@ -189,6 +190,14 @@ class Store:
             with os.scandir(self.path) as it:
                 for e in it:
                     name = e.name
+                    if e.is_symlink():
+                        # Cache files are only ever created in place; a link may lead outside.
+                        if name not in self._bad and (_SHARD_RE.match(name) or _MERGED_RE.match(name)):
+                            self._bad.add(name)
+                            logger.warning(
+                                "cachedata: ignoring symbolic link %s in the cache", self.path / name
+                            )
+                        continue
                     if _SHARD_RE.match(name):
                         shards.append(name)
                     else:
@@ -288,40 +297,79 @@ class Store:
             return [self.index.row(k) for k in keys]
         return self.index.rows(np.asarray(keys, np.int64)).tolist()
 
-    def read(self, rows: list[int], keys: list[int]) -> list[tuple[bytearray, list[int]] | None]:
-        """Payload buffers and slots for index rows; None where the checksum fails."""
+    def read(self, rows: list[int], keys: list[int]) -> list[tuple[np.ndarray, list[int]] | None]:
+        """Payload buffers and slots for index rows; None where the checksum fails.
+
+        The checksum is ``storage.checksum`` inlined: this loop is the hot path of every hit.
+        """
         idx = self.index
-        out: list[tuple[bytearray, list[int]] | None] = []
+        out: list[tuple[np.ndarray, list[int]] | None] = []
         files = idx.file[rows].tolist()
         offsets = idx.offset[rows].tolist()
         sizes = idx.size[rows].tolist()
         sums = idx.checksum[rows].tolist()
-        slots = idx.slots[rows].tolist()
-        for f, off, n, want, s, key in zip(files, offsets, sizes, sums, slots, keys):
-            buf = bytearray(n)
-            reader = idx.readers[f]
+        slot_rows = idx.slots[rows]
+        slots = slot_rows.tolist()
+        blob = slot_rows.astype("<i8", copy=False).tobytes()
+        width = 8 * slot_rows.shape[1]
+        readers = idx.readers
+        digest = xxhash.xxh3_64_intdigest
+        pid = os.getpid()
+        for i, (f, off, n, want, s, key) in enumerate(zip(files, offsets, sizes, sums, slots, keys)):
+            buf = np.empty(n, np.uint8)  # fresh, writable, and not zero-filled like a bytearray
+            reader = readers[f]
             try:
+                if reader.pid != pid:
+                    reader.open()
                 reader.read_into(memoryview(buf), off)
             except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ESTALE):
-                    self._bad_item(reader.index.path, key, exc)
-                    out.append(None)
-                    continue
-                # Merged away (or, on NFS, a stale handle) before this process opened it:
-                # refresh() finds the newer file.
-                self._vanished = True
+                if exc.errno in (errno.ENOENT, errno.ESTALE):
+                    # Merged away (or, on NFS, a stale handle) before this process opened
+                    # it: refresh() finds the newer file.
+                    self._vanished = True
+                else:
+                    self._bad_item(reader.path, key, exc)
                 out.append(None)
                 continue
             except CorruptFile as exc:
-                self._bad_item(reader.index.path, key, exc)
+                self._bad_item(reader.path, key, exc)
                 out.append(None)
                 continue
-            if checksum(key, buf) != want:
-                self._bad_item(reader.index.path, key, "checksum mismatch")
+            seed = key & 0xFFFFFFFFFFFFFFFF
+            if width:
+                seed ^= digest(blob[i * width : (i + 1) * width])
+            if digest(buf, seed=seed) != want:
+                self._bad_item(reader.path, key, "checksum mismatch")
                 out.append(None)
                 continue
             out.append((buf, s))
         return out
+
+    def read_one(self, row: int, key: int) -> tuple[np.ndarray, list[int]] | None:
+        """``read`` for a single row, without the batch's vectorized column gathering."""
+        idx = self.index
+        reader = idx.readers[idx.file[row]]
+        n = int(idx.size[row])
+        slot_row = idx.slots[row]
+        buf = np.empty(n, np.uint8)
+        try:
+            if reader.pid != os.getpid():
+                reader.open()
+            reader.read_into(memoryview(buf), int(idx.offset[row]))
+        except (OSError, CorruptFile):
+            return None  # the batched path sorts out vanished and corrupt files
+        seed = key & 0xFFFFFFFFFFFFFFFF
+        if len(slot_row):
+            seed ^= xxhash.xxh3_64_intdigest(slot_row.astype("<i8", copy=False).tobytes())
+        if xxhash.xxh3_64_intdigest(buf, seed=seed) != int(idx.checksum[row]):
+            return None
+        return buf, slot_row.tolist()
+
+    def bad_item(self, key: int, why: Any) -> None:
+        """An item that read back but could not be decoded: forget it and warn once per file."""
+        row = self.lookup(key)
+        path = self.index.readers[int(self.index.file[row])].path if row >= 0 else self.path
+        self._bad_item(path, key, why)
 
     def _bad_item(self, path: Path, key: int, why: Any) -> None:
         self.index.discard(key)
@@ -340,7 +388,7 @@ class Store:
         buf = self.buffer
         if not buf.items:
             buf.since = time.monotonic()
-        buf.items[key] = (enc, checksum(key, enc.payload))
+        buf.items[key] = (enc, checksum(key, enc.payload, enc.slots))
         buf.nbytes += len(enc.payload)
         buf.ident = ident
         buf.schema_text = self.schema_text
@@ -367,7 +415,7 @@ class Store:
         self.buffer.ident = ident
         try:
             fi = self.buffer.write()
-        except OSError as exc:
+        except Exception as exc:  # a failed write (ENOSPC, EFBIG, EROFS, HDF5) must not stop training
             self.disable_writes(exc)
             return 0, 0
         if fi is None:
@@ -519,10 +567,16 @@ class _Buffer:
 
 
 def _seal_at_exit(buf: _Buffer) -> None:
+    n = len(buf.items)
     try:
         buf.write()
-    except Exception as exc:
-        logger.warning("cachedata: could not store %d buffered items at exit: %s", len(buf.items), exc)
+    except Exception as exc:  # exit paths must not raise
+        logger.warning(
+            "cachedata: cannot write to %s (%s); %d items computed in this run are not stored",
+            buf.store["path"],
+            exc,
+            n,
+        )
 
 
 #: Superseded files stay (renamed) this long, in seconds, for readers on other nodes.

@@ -321,11 +321,26 @@ class Decoder:
         self.nslots = sum(leaf.nslots for leaf in self.leaves)
         self._single = self.leaves[0] if self._build is next else None
 
-    def decode(self, buf: bytearray, base: int, slots: list[int]) -> Any:
-        """Rebuild one item whose payload starts at ``buf[base]`` (16-byte aligned)."""
+    def size(self, slots: list[int]) -> int:
+        """Payload bytes an item with these slots must have (-1 for impossible slots)."""
+        if any(v < 0 for v in slots):
+            return -1
+        if self._single is not None:
+            return self._single.size(slots)
+        off = j = 0
+        for leaf in self.leaves:
+            a = leaf.align
+            off = (off + a - 1) // a * a + leaf.size(slots[j : j + leaf.nslots])
+            j += leaf.nslots
+        return off
+
+    def decode(self, buf: bytearray | np.ndarray, base: int, slots: list[int]) -> Any:
+        """Rebuild one item whose payload starts at ``buf[base]`` (16-byte aligned).
+
+        ``buf`` is a fresh bytearray or uint8 array; tensors and arrays are views of it.
+        """
         if self._single is not None:  # one leaf, no containers: the token/image fast path
-            leaf = self._single
-            return leaf.decode(buf, base, leaf.size(slots), slots)
+            return self._single.decode(buf, base, len(buf) - base, slots)
         vals = []
         off = base
         j = 0
@@ -337,6 +352,8 @@ class Decoder:
             n = leaf.size(s)
             vals.append(leaf.decode(buf, off, n, s))
             off += n
+        if off != len(buf):
+            raise ValueError(f"{len(buf) - base} payload bytes for an item of {off - base} bytes")
         return self._build(iter(vals))
 
     def _compile(self, node: dict) -> Callable[[Iterator], Any]:
@@ -367,19 +384,23 @@ def _leaf(node: dict) -> _Leaf:
             if n == 0:
                 return torch.empty(s, dtype=dtype)
             flat = torch.frombuffer(buf, dtype=dtype, count=n // item, offset=off)
-            return flat if ndim == 1 else flat.view(s)  # view() costs microseconds: skip for 1-D
+            if ndim == 1:  # view() costs microseconds: skip it for 1-D, check the length instead
+                if s[0] * item != n:
+                    raise ValueError(f"{n} payload bytes for a tensor of shape {s}")
+                return flat
+            return flat.view(s)
 
         return _Leaf(ndim, 16 if item >= 16 else _ALIGN, lambda s: math.prod(s) * item, dec_tensor)
     if t in ("ndarray", "npscalar", "pil"):
         return _array_leaf(node)
     if t == "bool":
-        return _Leaf(0, _ALIGN, lambda s: 1, lambda buf, off, n, s: buf[off] != 0)
+        return _Leaf(0, _ALIGN, lambda s: 1, lambda buf, off, n, s: bool(buf[off]))
     if t == "int":
         return _Leaf(
             1,
             _ALIGN,
             lambda s: s[0],
-            lambda buf, off, n, s: int.from_bytes(buf[off : off + n], "little", signed=True),
+            lambda buf, off, n, s: int.from_bytes(bytes(buf[off : off + n]), "little", signed=True),
         )
     if t == "float":
         unpack = struct.Struct("<d").unpack_from
@@ -394,7 +415,7 @@ def _leaf(node: dict) -> _Leaf:
             1,
             _ALIGN,
             lambda s: s[0],
-            lambda buf, off, n, s: buf[off : off + n].decode("utf-8", "surrogatepass"),
+            lambda buf, off, n, s: bytes(buf[off : off + n]).decode("utf-8", "surrogatepass"),
         )
     if t == "bytes":
         return _Leaf(1, _ALIGN, lambda s: s[0], lambda buf, off, n, s: bytes(buf[off : off + n]))
@@ -421,7 +442,7 @@ def _leaf(node: dict) -> _Leaf:
             pos = off + 8 * s[0]
             out = []
             for m in lengths:
-                out.append(buf[pos : pos + m].decode("utf-8", "surrogatepass"))
+                out.append(bytes(buf[pos : pos + m]).decode("utf-8", "surrogatepass"))
                 pos += m
             return out
 
@@ -487,8 +508,11 @@ def _array_leaf(node: dict) -> _Leaf:
 
 def load(text: str) -> dict:
     """Parse a stored schema (JSON only) and check that it compiles; ValueError if not."""
-    schema = json.loads(text)
-    if not isinstance(schema, dict):
-        raise ValueError("a cache file's schema is not a JSON object")
-    Decoder(schema)
+    try:
+        schema = json.loads(text)
+        if not isinstance(schema, dict):
+            raise ValueError("a cache file's schema is not a JSON object")
+        Decoder(schema)
+    except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        raise ValueError(f"a cache file's schema is malformed ({type(exc).__name__}: {exc})") from None
     return schema

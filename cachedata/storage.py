@@ -8,8 +8,8 @@ One file holds many items. Layout, readable with h5py alone::
     attrs    cachedata_format=1, kind="shard"|"merged", namespace=<fingerprint>,
              schema=<JSON>, created=<unix seconds>, sources=<JSON list, merged files only>
 
-``checksum`` is xxh3-64 of the payload seeded with the key, so an index row that points at
-another item's bytes fails the check too. Files are written under a temporary name in the
+``checksum`` is xxh3-64 of the payload seeded with the key XOR the xxh3-64 of the slots, so an
+index row that points at another item's bytes, or carries a flipped shape, fails the check. Files are written under a temporary name in the
 same folder and renamed into place once complete, so readers never see a torn file; a
 sealed file is never modified again. Uncompressed payloads are read with ``os.preadv`` at the
 dataset's file offset: no HDF5 call and no lock on the hot path.
@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,9 +37,16 @@ _CHUNK_BYTES = 64 * 1024
 _COPY_BYTES = 8 * 1024 * 1024
 
 
-def checksum(key: int, payload: bytes | bytearray | memoryview) -> int:
-    """xxh3-64 of ``payload`` seeded with ``key``: binds the bytes to the item they belong to."""
-    return xxhash.xxh3_64_intdigest(payload, seed=key & 0xFFFFFFFFFFFFFFFF)
+def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[int] = ()) -> int:
+    """xxh3-64 of ``payload`` seeded with ``key`` XOR xxh3-64 of ``slots`` (as little-endian int64).
+
+    Binds the bytes to the item they belong to and to the shapes they are decoded with, so
+    a flipped key, shape or payload byte all fail the check.
+    """
+    seed = key & 0xFFFFFFFFFFFFFFFF
+    if slots:
+        seed ^= xxhash.xxh3_64_intdigest(struct.pack(f"<{len(slots)}q", *slots))
+    return xxhash.xxh3_64_intdigest(payload, seed=seed)
 
 
 def index_dtype(nslots: int) -> np.dtype:
@@ -188,7 +196,7 @@ def _fill_h5(data: h5py.Dataset, payloads: Iterable, sizes: np.ndarray) -> np.nd
             block += bytes(size)  # a left-out row leaves a hole of its planned size
         else:
             keep[i] = True
-            block += p
+            block += memoryview(p).cast("B")  # (bytearray += ndarray would broadcast instead)
         if len(block) >= _COPY_BYTES:
             data[pos : pos + len(block)] = np.frombuffer(block, np.uint8)
             pos += len(block)
@@ -253,9 +261,9 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
             schema = _text(f.attrs.get("schema"))
             kind = _text(f.attrs.get("kind"))
             sources = tuple(json.loads(_text(f.attrs.get("sources")) or "[]"))
-    except CorruptFile:
+    except (CorruptFile, FileNotFoundError):
         raise
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except Exception as exc:
         raise CorruptFile(f"{path}: {exc}") from exc
     offsets = cols["offset"].astype(np.int64, copy=False)
     sizes = cols["size"].astype(np.int64, copy=False)
@@ -292,49 +300,51 @@ class Reader:
     """Reads payload bytes of one file, opened lazily in the process that uses it.
 
     Uncompressed files are read with ``os.preadv`` on a plain descriptor; compressed ones
-    through h5py. Both are reopened when the process id changes (after a fork).
+    through h5py. Both are reopened when the process id changes (after a fork). Holds only
+    what reading needs (the index columns live in cachedata.index).
     """
 
-    __slots__ = ("_dset", "_fd", "_h5", "_pid", "index")
+    __slots__ = ("_dset", "_fd", "_h5", "compressed", "data_offset", "path", "pid")
 
-    def __init__(self, index: FileIndex) -> None:
-        self.index = index
-        self._pid = -1
+    def __init__(self, fi: FileIndex) -> None:
+        self.path = fi.path
+        self.data_offset = fi.data_offset or 0
+        self.compressed = fi.compressed
+        self.pid = -1
         self._fd = -1
         self._h5: h5py.File | None = None
         self._dset: h5py.Dataset | None = None
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """(Re)open in this process; callers check ``pid`` first (once per batch)."""
         self._fd = -1
         self._h5 = self._dset = None
-        if self.index.compressed:
-            self._h5 = h5py.File(self.index.path, "r", locking=False)
+        if self.compressed:
+            self._h5 = h5py.File(self.path, "r", locking=False)
             self._dset = self._h5["data"]
         else:
-            self._fd = os.open(self.index.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._pid = os.getpid()
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        self.pid = os.getpid()
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with payload bytes starting at ``offset`` (relative to /data)."""
-        if self._pid != os.getpid():
-            self._open()
         n = buf.nbytes
         if not n:
             return
         if self._dset is not None:
             buf[:] = self._dset[offset : offset + n].data
             return
-        got = os.preadv(self._fd, [buf], self.index.data_offset + offset)
+        got = os.preadv(self._fd, [buf], self.data_offset + offset)
         if got != n:
-            raise CorruptFile(f"{self.index.path}: short read ({got} of {n} bytes at {offset})")
+            raise CorruptFile(f"{self.path}: short read ({got} of {n} bytes at {offset})")
 
     def close(self) -> None:
         """Close what this process opened; a forked child only forgets its parent's handles."""
-        if self._pid == os.getpid():
+        if self.pid == os.getpid():
             if self._fd >= 0:
                 os.close(self._fd)
             if self._h5 is not None:
                 self._h5.close()
         self._fd = -1
         self._h5 = self._dset = None
-        self._pid = -1
+        self.pid = -1

@@ -333,8 +333,10 @@ class DecodeAudio:
     ``max_seconds`` keeps ``max_frames = floor(max_seconds * sample_rate)`` output samples
     at most, and only the start of the file is decoded: its first
     ``ceil(max_frames * file_rate / sample_rate)`` frames are read, mixed, resampled and
-    cut to ``max_frames`` (the resampler sees the cut as the end of the signal). Anything libsndfile reads works (WAV, FLAC, OGG/Vorbis, Opus, MP3 with
-    libsndfile >= 1.1, AIFF...); ``torchaudio.load`` is not used (it needs torchcodec).
+    cut to ``max_frames`` (the resampler sees the cut as the end of the signal).
+
+    Anything libsndfile reads works (WAV, FLAC, OGG/Vorbis, Opus, MP3 with libsndfile >= 1.1,
+    AIFF...); ``torchaudio.load`` is not used (it needs torchcodec).
 
     Fingerprint: every parameter, plus the major.minor versions of soundfile and
     libsndfile (they decode) and, when ``resample``, of torchaudio (its filter).
@@ -400,7 +402,8 @@ class DecodeAudio:
                 except (RuntimeError, EOFError, ValueError) as exc:
                     raise ValueError(f"DecodeAudio: cannot decode {name}: {_sf_reason(exc)}") from exc
         wave = torch.from_numpy(data.T)  # [C, T]
-        wave = wave.mean(0) if self.mono else wave.contiguous()
+        if self.mono:
+            wave = wave.mean(0)
         if rate != self.sample_rate:
             F = _require("torchaudio.functional", "audio", "DecodeAudio")
             wave = F.resample(wave, rate, self.sample_rate)
@@ -447,7 +450,9 @@ class Tokenize:
     reach this transform, and ``max_length`` is set on the copy as its truncation length:
     sequences are cut to at most ``max_length`` ids *including* the special tokens the
     post-processor adds (as ``tokenizer(text, truncation=True, max_length=...)`` in
-    transformers). Padding or truncation configured on ``tokenizer`` itself is kept.
+    transformers). Padding or truncation configured on a ``tokenizers.Tokenizer`` is kept;
+    on a transformers tokenizer they are per-call options, so its backend's leftover
+    truncation and padding are cleared (no padding; truncation only by ``max_length``).
 
     Fingerprint: the copy's full serialization (vocabulary, merges, normalizer,
     pre-tokenizer, post-processor, truncation, padding), ``max_length``,
@@ -479,6 +484,11 @@ class Tokenize:
         self.add_special_tokens = bool(add_special_tokens)
         self._source = _describe_tokenizer(tokenizer, backend)
         tok = tk.Tokenizer.from_str(backend.to_str())
+        if backend is not tokenizer:
+            # transformers sets truncation and padding on its backend per call and leaves
+            # them there: they are leftovers of the last call, not settings.
+            tok.no_truncation()
+            tok.no_padding()
         if self.max_length is not None:
             options = dict(tok.truncation or {})
             options["max_length"] = self.max_length

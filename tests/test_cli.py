@@ -27,9 +27,11 @@ from tqdm import tqdm
 from cachedata import CachedDataset
 from cachedata.cli import (
     NamespaceInfo,
+    Problem,
     format_duration,
     format_size,
     inspect_namespace,
+    main,
     parse_duration,
     parse_size,
     plan_prune,
@@ -553,47 +555,84 @@ def test_prune_max_bytes_least_recently_used_first(tmp_path, three):
 # ----------------------------------------------------------------------------- help, usage errors
 
 
+COMMANDS = ["info", "verify", "merge", "clear", "prune"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_of_every_subcommand_has_an_example(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: cachedata {command} ")
+    assert "example:" in out and f"cachedata {command} " in out.split("example:", 1)[1]
+    assert "exit status" in out and "usage error" in out
+
+
 @pytest.mark.timeout(120)
-def test_help_of_every_subcommand_has_an_example(tmp_path):
-    commands = ["info", "verify", "merge", "clear", "prune"]
-    outs = run_many(tmp_path, [("script", ["--help"]), ("module", ["--help"]),
-                               *(("script", [c, "--help"]) for c in commands)])  # fmt: skip
+def test_help_through_the_script_and_module(tmp_path):
+    outs = run_many(
+        tmp_path, [("script", ["--help"]), ("module", ["--help"]), ("script", ["prune", "--help"])]
+    )
     for out in outs:
         assert out.returncode == 0, out.stderr
         assert "example" in out.stdout and "exit status" in out.stdout, out.args
-    assert outs[0].stdout.startswith("usage: cachedata ")
+    assert outs[0].stdout.startswith("usage: cachedata ") and "COMMAND" in outs[0].stdout
+    for name in COMMANDS:
+        assert f"    {name} " in outs[0].stdout  # every subcommand listed with its summary
     assert outs[1].stdout.startswith("usage: python -m cachedata ")
-    for name, out in zip(commands, outs[2:]):
-        assert f"cachedata {name} " in out.stdout.split("example", 1)[1], name
+    assert "cachedata prune ~/.cache/cachedata --max-bytes 50G --dry-run" in outs[2].stdout
+
+
+def _usage_cases(tmp_path: Path, a: Built) -> list[tuple[list, str]]:
+    cache = tmp_path / "cache"
+    missing = tmp_path / "nope"
+    return [
+        (["info", missing], f"PATH {missing} does not exist"),
+        (
+            ["prune", cache, "--max-bytes", "50X"],
+            "invalid size '50X': expected a number with an optional unit",
+        ),
+        (["prune", cache, "--older-than", "7"], "invalid duration '7': 7 has no unit; write e.g. 7d"),
+        (["info", cache, "--bogus"], "unrecognized arguments: --bogus"),
+        (["prune", cache], "give --older-than DURATION, --max-bytes SIZE or both"),
+        # the rest only in-process (each subprocess pays the torch import)
+        (["verify", missing], "does not exist"),
+        (["merge", a.path / "meta.json"], "is not a folder"),
+        (["prune", cache, "--max-bytes=-5G"], "invalid size '-5G'"),
+        (["prune", cache, "--older-than", "soon"], "invalid duration 'soon'"),
+        (["merge", cache, "--wait", "5"], "5 has no unit"),
+        (["info", cache, "--namespace", "zzzz"], "no namespace 'zzzz'"),
+        (["info", cache, "--namespace", ""], "matches 2 namespaces"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "required: COMMAND"),
+        (["clear"], "required: PATH"),
+    ]
 
 
 @pytest.mark.timeout(120)
 def test_usage_errors_exit_2(tmp_path, two):
     a, _ = two
-    cache = tmp_path / "cache"
-    missing = tmp_path / "nope"
-    cases = [
-        (["info", missing], f"PATH {missing} does not exist"),
-        (["verify", missing], "does not exist"),
-        (["merge", a.path / "meta.json"], "is not a folder"),
-        (
-            ["prune", cache, "--max-bytes", "50X"],
-            "invalid size '50X': expected a number with an optional unit",
-        ),
-        (["prune", cache, "--max-bytes=-5G"], "invalid size '-5G'"),
-        (["prune", cache, "--older-than", "7"], "invalid duration '7': 7 has no unit; write e.g. 7d"),
-        (["prune", cache], "give --older-than DURATION, --max-bytes SIZE or both"),
-        (["info", cache, "--namespace", "zzzz"], "no namespace 'zzzz'"),
-        (["info", cache, "--bogus"], "unrecognized arguments: --bogus"),
-        (["frobnicate"], "invalid choice: 'frobnicate'"),
-        ([], "required: COMMAND"),
-        (["clear"], "required: PATH"),
-    ]
-    outs = run_many(
-        tmp_path, [("module" if i % 3 == 0 else "script", args) for i, (args, _) in enumerate(cases)]
-    )
+    cases = _usage_cases(tmp_path, a)[:5]
+    outs = run_many(tmp_path, [("module" if i == 0 else "script", args) for i, (args, _) in enumerate(cases)])
     for (args, message), out in zip(cases, outs):
         assert out.returncode == 2, (args, out.returncode, out.stderr)
         assert message in out.stderr, (args, out.stderr)
         assert "usage:" in out.stderr and out.stdout == "", args
     assert a.path.exists()
+
+
+def test_usage_errors_exit_2_in_process(tmp_path, two, capsys):
+    a, _ = two
+    for args, message in _usage_cases(tmp_path, a):
+        assert main([str(x) for x in args]) == 2, args
+        out = capsys.readouterr()
+        assert message in out.err and "usage:" in out.err and out.out == "", (args, out.err)
+
+
+def test_verify_reports_symlinked_cache_files(tmp_path):
+    b = build(tmp_path / "cache", 3.0, items=4)
+    (shard,) = files(b.path, "shard-")
+    link = b.path / "shard-r0-w0-p1-abcdef-000000.h5"
+    link.symlink_to(b.path / shard)
+    result = verify_namespace(b.path, tqdm(disable=True))
+    assert result.files == 1 and result.items == 4
+    assert result.problems == (Problem(str(link), None, "a symbolic link: readers ignore it; delete it"),)

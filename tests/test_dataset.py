@@ -293,7 +293,8 @@ def test_flush_merge_layout_readable_with_h5py_alone(tmp_path):
     assert index["key"].tolist() == list(range(10))
     for row in index:
         raw = data[row["offset"] : row["offset"] + row["size"]].tobytes()
-        assert xxhash.xxh3_64_intdigest(raw, seed=int(row["key"])) == row["checksum"]
+        slots_hash = xxhash.xxh3_64_intdigest(np.asarray(row["slots"], "<i8").tobytes())
+        assert xxhash.xxh3_64_intdigest(raw, seed=int(row["key"]) ^ slots_hash) == row["checksum"]
         assert np.frombuffer(raw, np.int64).tolist() == list(range(row["slots"][0]))
     assert leftovers(tmp_path) == []
     meta = json.loads((ds.path / "meta.json").read_text())

@@ -598,6 +598,14 @@ def test_tokenize_hf_fast_tokenizer_duck_typed(bpe):
     for text in TEXTS:
         assert_tree_equal(t(text), ref(text))
     assert fingerprint(t) == fingerprint(ref)
+    # transformers leaves the last call's truncation/padding on its backend: not settings
+    used = Tokenizer.from_str(bpe.to_str())
+    used.enable_truncation(3)
+    used.enable_padding(length=40)
+    for text in TEXTS:
+        assert_tree_equal(Tokenize(FastTokenizerLike(used), max_length=6)(text), ref(text))
+        assert_tree_equal(Tokenize(FastTokenizerLike(used))(text), Tokenize(bpe)(text))
+    assert used.truncation["max_length"] == 3  # untouched
     assert (
         repr(t) == "Tokenize(FastTokenizerLike(BPE, vocab_size=300), max_length=6, add_special_tokens=True)"
     )

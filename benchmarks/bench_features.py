@@ -1,0 +1,225 @@
+"""Cold-epoch cost of frozen-network features: Features.batch (stacked) vs one item at a time.
+
+resnet18 (torchvision, weights=None, seed 0, eval, frozen) features of float32 [3, 224, 224]
+inputs, read through ``DataLoader(CachedDataset(ds, tmp, transform=...), batch_size=64)``
+(num_workers=0) into an empty cache:
+
+- **per item**: ``OneByOne(Features(model))``, a wrapper without ``batch``, so CachedDataset
+  calls the model once per miss (batch dimension 1);
+- **batched**: ``Features(model)``: CachedDataset hands all misses of one ``__getitems__``
+  (64 items) to ``Features.batch``, one stacked forward pass.
+
+Every repeat builds a fresh cache; the two run interleaved (A B, B A, ...) so background load
+hits both. Times are medians of the repeats, the speedup is the median of the paired ratios
+per-item time / batched time; PASS when it is >= 3. The warm epoch (all hits) that follows
+each batched cold epoch is reported too, and the cached features of both are compared.
+
+torch's intra-op thread count matters a great deal here: a batch of one cannot keep many
+threads busy, a batch of 64 can, so the speedup grows with the thread count (and, on a busy
+machine, with the cost of thread synchronization). It is reported with the results.
+
+Usage: python benchmarks/bench_features.py [--quick] [--items N] [--repeats N] [--threads N]
+Writes the results as JSON to benchmarks/results/features.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cachedata import CachedDataset, fingerprint
+from cachedata.transforms import Features
+
+TARGET = 3.0
+BATCH_SIZE = 64
+SHAPE = (3, 224, 224)
+
+
+class Inputs:
+    """``n`` deterministic float32 [3, 224, 224] inputs (one tensor, generated once)."""
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.data = torch.rand(n, *SHAPE, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+class OneByOne:
+    """Features without ``batch``: CachedDataset calls it once per missing item."""
+
+    def __init__(self, features: Features) -> None:
+        self.features = features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def __cachedata_fingerprint__(self) -> str:
+        return "one-by-one " + fingerprint(self.features)
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def epoch(dataset: CachedDataset) -> tuple[float, list[torch.Tensor]]:
+    """Seconds for one pass through a DataLoader(batch_size=64) plus sealing what it wrote.
+
+    The flush writes the items still buffered in memory to a shard (part of a cold epoch's
+    cost), so that the warm epoch reads them from the file, not from the buffer.
+    """
+    loader = DataLoader(dataset, batch_size=BATCH_SIZE, collate_fn=list)
+    t0 = time.perf_counter()
+    items = [x for batch in loader for x in batch]
+    dataset.flush()
+    return time.perf_counter() - t0, items
+
+
+def spread(values: list[float]) -> float:
+    """Half the (max - min) range relative to the median."""
+    med = statistics.median(values)
+    return (max(values) - min(values)) / 2 / med if med else 0.0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="64 items (one batch): a ~1 minute smoke run")
+    parser.add_argument("--items", type=int, default=None, help="items per epoch (default 128, --quick 64)")
+    parser.add_argument("--repeats", type=int, default=3, help="cold epochs per variant (median; >= 1)")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads (default 0: keep torch's default)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "features.json",
+        help="where to write the JSON results",
+    )
+    args = parser.parse_args()
+    items = args.items if args.items is not None else (64 if args.quick else 128)
+    if items < 1 or args.repeats < 1:
+        parser.error("--items and --repeats must be >= 1")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None).requires_grad_(False).eval()
+    data = Inputs(items)
+    batched, per_item = Features(model), OneByOne(Features(model))
+    with torch.inference_mode():  # first-call costs (allocator, oneDNN primitives) out of the timings
+        model(data.data[:1])
+        model(data.data[: min(BATCH_SIZE, items)])
+
+    times: dict[str, list[float]] = {"per_item": [], "batched": []}
+    warm: list[float] = []
+    outputs: dict[str, list[torch.Tensor]] = {}
+    load = [load_average()]
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="cachedata-bench-features-") as tmp:
+        for r in range(args.repeats):
+            order = [("per_item", per_item), ("batched", batched)]
+            for name, transform in order if r % 2 == 0 else order[::-1]:
+                ds = CachedDataset(data, Path(tmp) / f"{name}-{r}", transform=transform)
+                seconds, got = epoch(ds)
+                if ds.stats.misses != items:
+                    raise SystemExit(f"benchmark sanity check failed: {ds.stats.misses} misses, not {items}")
+                times[name].append(seconds)
+                outputs[name] = got
+                if name == "batched":
+                    warm_seconds, again = epoch(ds)
+                    if ds.stats.hits != items or not all(torch.equal(a, b) for a, b in zip(got, again)):
+                        raise SystemExit("benchmark sanity check failed: the warm epoch differs")
+                    warm.append(warm_seconds)
+                ds.clear()
+    load.append(load_average())
+    total = time.perf_counter() - t_start
+    max_diff = max((a - b).abs().max().item() for a, b in zip(outputs["per_item"], outputs["batched"]))
+    scale = max(a.abs().max().item() for a in outputs["per_item"])
+    if max_diff > 1e-3 * max(scale, 1.0):
+        raise SystemExit(f"benchmark sanity check failed: batched and per-item features differ by {max_diff}")
+
+    ratios = [p / b for p, b in zip(times["per_item"], times["batched"])]
+    speedup = statistics.median(ratios)
+    ok = speedup >= TARGET
+    med = {k: statistics.median(v) for k, v in times.items()}
+    warm_med = statistics.median(warm)
+    print(
+        f"Features cold epoch: resnet18 on {items} x float32{list(SHAPE)}, DataLoader(batch_size={BATCH_SIZE}), "
+        f"CPU, torch {torch.__version__}, {threads} torch thread(s), {os.cpu_count()} CPUs, "
+        f"load average {load[0]} -> {load[1]}"
+    )
+    print(f"medians of {args.repeats} interleaved repeats; PASS = batched at least {TARGET:.0f}x faster")
+    print(f"{'variant':34s} {'epoch s':>9s} {'ms/item':>9s} {'items/s':>9s} {'spread':>7s}")
+    rows = [
+        ("per item (no batch: 1 forward/item)", times["per_item"]),
+        ("batched (Features.batch, 64/forward)", times["batched"]),
+        ("warm epoch (cache hits)", warm),
+    ]
+    for label, values in rows:
+        m = statistics.median(values)
+        print(f"{label:34s} {m:9.2f} {m / items * 1e3:9.1f} {items / m:9.1f} {spread(values):6.0%}")
+    print(
+        f"speedup batched vs per item: {speedup:.2f}x (paired ratios {min(ratios):.2f}..{max(ratios):.2f})  "
+        f"{'PASS' if ok else 'FAIL'}"
+    )
+    print(f"max |batched - per item| = {max_diff:.2e}; total {total:.0f} s")
+
+    results: dict[str, Any] = {
+        "benchmark": "features",
+        "quick": args.quick,
+        "model": "torchvision resnet18(weights=None), seed 0, eval, frozen",
+        "input_shape": list(SHAPE),
+        "items": items,
+        "batch_size": BATCH_SIZE,
+        "repeats": args.repeats,
+        "torch_threads": threads,
+        "cpu_count": os.cpu_count(),
+        "load_average_before_after": load,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "per_item_seconds": times["per_item"],
+        "batched_seconds": times["batched"],
+        "warm_seconds": warm,
+        "per_item_ms_per_item": med["per_item"] / items * 1e3,
+        "batched_ms_per_item": med["batched"] / items * 1e3,
+        "warm_ms_per_item": warm_med / items * 1e3,
+        "paired_ratios": ratios,
+        "speedup": speedup,
+        "target": TARGET,
+        "pass": ok,
+        "max_abs_diff": max_diff,
+        "total_seconds": total,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp_out, args.out)
+    print(f"wrote {args.out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,7 @@ spread = (max - min) / median across the repeats):
             ``CachedDataset(...)`` to the first ``ds[0]`` returning (index load included) and
             the RSS increase over the same span. PASS at < 1 s and < 100 bytes/item.
 
-Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4] [--out PATH]
+Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4,5] [--out PATH]
 Writes the results as JSON (default benchmarks/results/core.json); exit status 1 on a FAIL.
 """
 
@@ -590,6 +590,31 @@ def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- main
 
 
+def case_fingerprint(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    """fingerprint() of a model with ``n`` MB of float32 weights: well under a second."""
+    from cachedata import fingerprint
+
+    torch.manual_seed(0)
+    per_layer = 2048 * 2048  # 16 MiB float32 per layer
+    layers = max(1, round(n * 2**20 / (per_layer * 4)))
+    model = torch.nn.Sequential(*[torch.nn.Linear(2048, 2048, bias=False) for _ in range(layers)])
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    first = fingerprint(model)
+    times = [timed(lambda: fingerprint(model)) for _ in range(repeats)]
+    with torch.no_grad():
+        model[0].weight[0, 0] += 1.0
+    changed = fingerprint(model) != first
+    secs = summary(times)
+    return {
+        "model_bytes": nbytes,
+        "seconds": secs,
+        "gb_per_s": nbytes / secs["median"] / 1e9,
+        "one_weight_changes_it": changed,
+        "target": "< 1 s for 100 MB",
+        "pass": secs["median"] < 1.0 and changed,
+    }
+
+
 def machine() -> dict[str, Any]:
     try:
         import psutil
@@ -686,6 +711,10 @@ def print_table(results: dict[str, Any]) -> None:
         b = r["build"]
         rows.append(("4 index build (__getitems__+merge)", f"{b['items_per_s']:>10,.0f}/s",
                      f"{b['getitems_seconds']:.1f} s compute+write, {b['merge_seconds']:.1f} s merge", ""))  # fmt: skip
+    r = results.get("fingerprint")
+    if r:
+        rows.append((f"5 fingerprint of a {r['model_bytes'] / 1e6:.0f} MB model", f"{r['seconds']['median'] * 1e3:.0f} ms",
+                     f"{r['gb_per_s']:.1f} GB/s; {r['target']}", "PASS" if r["pass"] else "FAIL"))  # fmt: skip
     w = [max(len(row[i]) for row in rows) for i in range(4)]
     print()
     print(f"{'measure':<{w[0]}}  {'value':<{w[1]}}  {'note / target':<{w[2]}}  result")
@@ -705,7 +734,7 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per case (>= 3; default 5, quick 3)"
     )
-    parser.add_argument("--cases", default="1,2,3,4", help="comma-separated subset of 1,2,3,4")
+    parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -731,6 +760,7 @@ def main() -> int:
         "tokens": 20_000 if args.quick else 100_000,
         "cold": 500 if args.quick else 2000,
         "index": 200_000 if args.quick else 1_000_000,
+        "fingerprint": 100,  # MB of weights
     }
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -741,6 +771,7 @@ def main() -> int:
         ("2", "tokens", case_tokens, repeats),
         ("3", "cold", case_cold, repeats),
         ("4", "index", case_index, 3),
+        ("5", "fingerprint", case_fingerprint, repeats),
     ]
     for num, name, fn, reps in plan:
         if num not in cases and name not in cases:

@@ -315,13 +315,18 @@ class Store:
         readers = idx.readers
         digest = xxhash.xxh3_64_intdigest
         pid = os.getpid()
+        preadv = os.preadv
         for i, (f, off, n, want, s, key) in enumerate(zip(files, offsets, sizes, sums, slots, keys)):
-            buf = np.empty(n, np.uint8)  # fresh, writable, and not zero-filled like a bytearray
+            # Fresh and writable; large buffers skip the zero-fill of a bytearray.
+            buf = bytearray(n) if n < 65536 else np.empty(n, np.uint8)
             reader = readers[f]
             try:
                 if reader.pid != pid:
                     reader.open()
-                reader.read_into(memoryview(buf), off)
+                if reader.compressed:
+                    reader.read_into(memoryview(buf), off)
+                elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
+                    raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ESTALE):
                     # Merged away (or, on NFS, a stale handle) before this process opened

@@ -304,26 +304,26 @@ class Reader:
     what reading needs (the index columns live in cachedata.index).
     """
 
-    __slots__ = ("_dset", "_fd", "_h5", "compressed", "data_offset", "path", "pid")
+    __slots__ = ("_dset", "_h5", "compressed", "data_offset", "fd", "path", "pid")
 
     def __init__(self, fi: FileIndex) -> None:
         self.path = fi.path
         self.data_offset = fi.data_offset or 0
         self.compressed = fi.compressed
         self.pid = -1
-        self._fd = -1
+        self.fd = -1
         self._h5: h5py.File | None = None
         self._dset: h5py.Dataset | None = None
 
     def open(self) -> None:
         """(Re)open in this process; callers check ``pid`` first (once per batch)."""
-        self._fd = -1
+        self.fd = -1
         self._h5 = self._dset = None
         if self.compressed:
             self._h5 = h5py.File(self.path, "r", locking=False)
             self._dset = self._h5["data"]
         else:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         self.pid = os.getpid()
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -334,17 +334,17 @@ class Reader:
         if self._dset is not None:
             buf[:] = self._dset[offset : offset + n].data
             return
-        got = os.preadv(self._fd, [buf], self.data_offset + offset)
+        got = os.preadv(self.fd, [buf], self.data_offset + offset)
         if got != n:
             raise CorruptFile(f"{self.path}: short read ({got} of {n} bytes at {offset})")
 
     def close(self) -> None:
         """Close what this process opened; a forked child only forgets its parent's handles."""
         if self.pid == os.getpid():
-            if self._fd >= 0:
-                os.close(self._fd)
+            if self.fd >= 0:
+                os.close(self.fd)
             if self._h5 is not None:
                 self._h5.close()
-        self._fd = -1
+        self.fd = -1
         self._h5 = self._dset = None
         self.pid = -1

@@ -86,7 +86,7 @@ def test_truncated_file_is_detected_and_recomputed(tmp_path, caplog):
 
 def test_missing_files_are_recomputed(tmp_path):
     ds, want = _built(tmp_path, merge=False)
-    for f in list(ds.path.glob("shard-*.h5")) + [ds.path / "schema.json", ds.path / "meta.json"]:
+    for f in [*ds.path.glob("shard-*.h5"), ds.path / "schema.json", ds.path / "meta.json"]:
         f.unlink()
     fresh = CachedDataset(Ragged(12), tmp_path, transform=add_one)
     for i in range(12):
@@ -143,28 +143,20 @@ def _kill_on(item):
 @pytest.mark.timeout(180)
 def test_worker_killed_by_sigkill_mid_epoch(tmp_path):
     """Readers never see a torn file; the next run recomputes only what was lost."""
-    log = tmp_path / "log"
-    ds = CachedDataset(Ragged(60), tmp_path / "c", transform=LogCalls(log), version="1")
-    killer = CachedDataset(Ragged(60), tmp_path / "c", transform=_kill_on, version="1")
-    assert killer.fingerprint != ds.fingerprint
-    # Same namespace on purpose: make the killing transform share ds's namespace via key= state.
-    ds2 = CachedDataset(Ragged(60), tmp_path / "k", transform=_kill_on)
-    loader = DataLoader(ds2, batch_size=5, num_workers=2, collate_fn=identity_batch)
-    with pytest.raises(RuntimeError, match="killed by signal|exited unexpectedly"):
+    ds = CachedDataset(Ragged(60), tmp_path, transform=_kill_on)
+    loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=identity_batch)
+    with pytest.raises(RuntimeError, match=r"killed by signal|exited unexpectedly"):
         for _ in loader:
             pass
-    stored = CachedDataset(Ragged(60), tmp_path / "k", transform=_kill_on)
+    stored = CachedDataset(Ragged(60), tmp_path, transform=_kill_on)
     kept = stored.num_cached
     assert 0 < kept < 60
-    # Every file that is visible is complete and readable.
-    for i in range(60):
+    for i in range(60):  # every file that is visible is complete and readable
         if stored.is_cached(i):
             assert_same(stored[i], add_one(Ragged(60)[i]))
     assert stored.stats.misses == 0
-    subprocess.run([sys.executable, "-c", "pass"], check=True)
-    # Leftover temporary files of the dead worker are swept at the next open.
-    fresh = CachedDataset(Ragged(60), tmp_path / "k", transform=_kill_on)
-    assert leftovers(tmp_path / "k") == [] and fresh.num_cached == kept
+    # The dead worker's temporary files (if it died mid-write) were swept at this open.
+    assert leftovers(tmp_path) == []
 
 
 DISK_FULL = textwrap.dedent(

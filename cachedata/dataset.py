@@ -212,6 +212,7 @@ class CachedDataset(Dataset):
         """Delete this namespace from disk (every process's view of it becomes empty)."""
         import shutil
 
+        self._store.buffer.clear()  # unsealed items belong to the namespace being deleted
         self._store.close()
         shutil.rmtree(self.path, ignore_errors=True)
         self._store = Store(

@@ -316,7 +316,7 @@ class Reader:
         self._dset: h5py.Dataset | None = None
 
     def open(self) -> None:
-        """(Re)open in this process; callers check ``pid`` first (once per batch)."""
+        """(Re)open in this process (the hot path checks ``pid`` once per batch itself)."""
         self.fd = -1
         self._h5 = self._dset = None
         if self.compressed:
@@ -328,6 +328,8 @@ class Reader:
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` with payload bytes starting at ``offset`` (relative to /data)."""
+        if self.pid != os.getpid():
+            self.open()
         n = buf.nbytes
         if not n:
             return

@@ -28,6 +28,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_ranks(target, world: int, args_of) -> None:
+    """Spawn ``world`` rank processes running ``target(rank, world, *args_of(rank))``; all must succeed."""
+    ctx = tmp_mp.get_context("spawn")
+    procs = [ctx.Process(target=target, args=(r, world, *args_of(r))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for r, p in enumerate(procs):
+        p.join(240)
+        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}"
+
+
 def _init(rank: int, world: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 
@@ -73,18 +84,7 @@ def test_ranks_compute_each_item_once_in_total(tmp_path, world, drop_last):
     log = tmp_path / "calls.log"
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.json") for r in range(world)]
-    ctx = tmp_mp.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=_epochs, args=(r, world, port, str(tmp_path / "cache"), str(log), n, drop_last, outs[r])
-        )
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-        assert p.exitcode == 0
+    _run_ranks(_epochs, world, lambda r: (port, str(tmp_path / "cache"), str(log), n, drop_last, outs[r]))
     results = [json.loads(Path(o).read_text()) for o in outs]
     seen = {name for r in results for name in r["epochs"][0]["names"]}
     expected = n if not drop_last else (n // world) * world
@@ -146,19 +146,9 @@ def test_rank_reads_while_rank0_merges_and_shards_carry_the_rank(tmp_path):
     port = _free_port()
     log = tmp_path / "log"
     outs = [str(tmp_path / f"r{r}.json") for r in range(2)]
-    ctx = tmp_mp.get_context("spawn")
-    procs = [
-        ctx.Process(
-            target=_shard_names_and_merge_while_reading,
-            args=(r, 2, port, str(tmp_path / "c"), str(log), outs[r]),
-        )
-        for r in range(2)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(200)
-        assert p.exitcode == 0
+    _run_ranks(
+        _shard_names_and_merge_while_reading, 2, lambda r: (port, str(tmp_path / "c"), str(log), outs[r])
+    )
     r0, r1 = (json.loads(Path(o).read_text()) for o in outs)
     assert any(name.startswith("shard-r0-wm-") for name in r0["names"])
     assert any(name.startswith("shard-r1-wm-") for name in r0["names"])
@@ -180,13 +170,7 @@ def _warm(rank: int, world: int, port: int, cache: str, log: str) -> None:
 def test_warm_splits_the_work_across_ranks(tmp_path):
     port = _free_port()
     log = tmp_path / "log"
-    ctx = tmp_mp.get_context("spawn")
-    procs = [ctx.Process(target=_warm, args=(r, 2, port, str(tmp_path / "c"), str(log))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(200)
-        assert p.exitcode == 0
+    _run_ranks(_warm, 2, lambda r: (port, str(tmp_path / "c"), str(log)))
     assert count_calls(log) == 60
     lines = log.read_text().splitlines()
     assert len({line.split()[0] for line in lines}) == 2, "both ranks' workers computed a share"

@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 import torchvision
+from helpers import ListDataset
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import nn
@@ -28,19 +29,6 @@ from cachedata import CachedDataset, fingerprint
 from cachedata.transforms import DecodeAudio, DecodeImage, Features, Tokenize
 
 ORIENTATION = 0x0112
-
-
-class Items:
-    """A map-style dataset over a list of ready items (paths, bytes, strings, tensors)."""
-
-    def __init__(self, items: list) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
 
 
 def assert_tree_equal(a, b) -> None:
@@ -63,14 +51,14 @@ def assert_tree_equal(a, b) -> None:
 
 def end_to_end(tmp_path: Path, items: list, transform, *, batch_size: int = 4) -> list:
     """Cold then warm epochs through CachedDataset + DataLoader; returns the items read."""
-    cached = CachedDataset(Items(items), tmp_path / "cache", transform=transform)
+    cached = CachedDataset(ListDataset(items), tmp_path / "cache", transform=transform)
     loader = DataLoader(cached, batch_size=batch_size, collate_fn=list)
     cold = [x for batch in loader for x in batch]
     assert cached.stats.misses == len(items) and cached.stats.hits == 0
     warm = [x for batch in loader for x in batch]
     assert cached.stats.hits == len(items)
     cached.flush()
-    again = CachedDataset(Items(items), tmp_path / "cache", transform=transform)  # a new process's view
+    again = CachedDataset(ListDataset(items), tmp_path / "cache", transform=transform)  # a new process's view
     assert again.path == cached.path and again.num_cached == len(items)
     assert [cached.is_cached(i) for i in range(len(items))] == [True] * len(items)
     for c, w in zip(cold, warm):
@@ -338,7 +326,7 @@ def test_decode_image_end_to_end(tmp_path, images):
         assert_tree_equal(x, DecodeImage("RGB")(p))
     # bytes items too, under two DataLoader workers
     blobs = [images[n].read_bytes() for n in names]
-    cached = CachedDataset(Items(blobs), tmp_path / "bytes", transform=DecodeImage("L"))
+    cached = CachedDataset(ListDataset(blobs), tmp_path / "bytes", transform=DecodeImage("L"))
     got = [x for b in DataLoader(cached, batch_size=3, num_workers=2, collate_fn=list) for x in b]
     for blob, x in zip(blobs, got):
         assert_tree_equal(x, DecodeImage("L")(blob))
@@ -928,7 +916,7 @@ def test_features_through_cached_dataset_one_batch_call_per_getitems(tmp_path):
     xs = inputs(10, seed=3)
     f = LoggingFeatures(small_net())
     f.calls = []
-    cached = CachedDataset(Items(xs), tmp_path, transform=f)
+    cached = CachedDataset(ListDataset(xs), tmp_path, transform=f)
     first = cached.__getitems__([0, 1, 2, 3])
     assert len(f.calls) == 1 and len(f.calls[0]) == 4
     second = cached.__getitems__([2, 3, 4, 5, 6])  # 2 and 3 are hits
@@ -952,7 +940,7 @@ def test_features_end_to_end(tmp_path, resnet):
         assert got.shape == (1000,)
         assert_close(got, direct(x), rtol=1e-4, atol=1e-5)
     # a single miss through __getitem__ is the one-item forward, bit for bit
-    single = CachedDataset(Items(xs), tmp_path / "single", transform=Features(resnet))
+    single = CachedDataset(ListDataset(xs), tmp_path / "single", transform=Features(resnet))
     assert torch.equal(single[7], direct(xs[7]))
     assert torch.equal(single[7], reference_forward(resnet, xs[7]))
 

@@ -170,7 +170,7 @@ class CachedDataset(Dataset):
         key = self._key_of(self._base_index(index))
         store = self._store
         store.check_pid()
-        if key in store.pending or store.lookup(key) >= 0:
+        if store.buffered(key) is not None or store.lookup(key) >= 0:
             return True
         store.refresh()
         return store.lookup(key) >= 0
@@ -233,6 +233,9 @@ class CachedDataset(Dataset):
         return self.fingerprint
 
     def __getstate__(self) -> dict:
+        if os.getpid() == self._main_pid and self._store.pending:
+            # Spawned workers start from disk: seal what this process computed so far.
+            self.flush()
         state = self.__dict__.copy()
         state["_rank"] = _current_rank(default=self._rank)  # workers cannot ask torch.distributed
         state["_all_keys"] = None
@@ -303,8 +306,7 @@ class CachedDataset(Dataset):
                 if r >= 0:
                     hit_pos.append(p)
                     hit_rows.append(r)
-                elif keys[p] in store.pending:
-                    enc = store.pending[keys[p]][0]
+                elif (enc := store.buffered(keys[p])) is not None:
                     out[p] = store.decoder.decode(bytearray(enc.payload), 0, enc.slots)
                     nbytes += len(enc.payload)
                 else:

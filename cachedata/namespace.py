@@ -95,6 +95,7 @@ class Store:
         self._bad: set[str] = set()  # files that failed to load (warned once)
         self.buffer = _Buffer(self)
         self.pending = self.buffer.items  # key -> (encoded item, checksum); never rebound
+        self.inherited: dict[int, tuple[schema_mod.Encoded, int]] = {}  # a fork parent's unsealed items
         self._finalizer: multiprocessing.util.Finalize | None = None
         self.writable = True
         self._warned_write = False
@@ -110,11 +111,20 @@ class Store:
         self._reset()
 
     def check_pid(self) -> None:
-        """After a fork, forget the parent's handles and buffer (the parent seals its own)."""
+        """After a fork, forget the parent's handles; its unsealed items stay readable here
+        (read-only: the parent seals them), so a worker forked after a num_workers=0 epoch
+        does not recompute them."""
         if self.pid != os.getpid():
             if self.index is not None:
                 self.index.close()
+            inherited = {**self.inherited, **self.buffer.items}
             self._reset()
+            self.inherited = inherited
+
+    def buffered(self, key: int) -> schema_mod.Encoded | None:
+        """An item computed but not sealed yet: by this process, or by the parent it forked from."""
+        got = self.pending.get(key) or self.inherited.get(key)
+        return got[0] if got is not None else None
 
     # -- namespace files ------------------------------------------------------------------
 

@@ -153,3 +153,18 @@ def test_worker_killed_mid_epoch_loses_only_its_unsealed_items(tmp_path):
     assert ds.num_cached == 20
     [ds[i] for i in range(N)]
     assert count_calls(tmp_path / "log") == 30 + (N - 20)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_workers_see_items_the_main_process_computed_but_did_not_seal(tmp_path, start_method):
+    log = tmp_path / "calls.log"
+    ds = CachedDataset(Ragged(N), tmp_path / "cache", transform=LogCalls(log))
+    _epoch(DataLoader(ds, batch_size=6, num_workers=0, collate_fn=identity_batch))
+    assert count_calls(log) == N and ds._store.pending  # buffered in the main process only
+    loader = DataLoader(
+        ds, batch_size=6, num_workers=2, collate_fn=identity_batch, multiprocessing_context=start_method
+    )
+    got = _epoch(loader)
+    assert count_calls(log) == N, "workers recomputed items the main process had computed"
+    assert len(got) == N

@@ -1,0 +1,69 @@
+"""The examples run end to end with tiny sizes: exit 0, a warm epoch with a 100% hit rate."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, tmp_path: Path, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), "--cache-dir", str(tmp_path / "cache"), *args],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "warm hit rate 100%" in proc.stdout, output
+    return proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_image_classification(tmp_path):
+    run_example("image_classification.py", tmp_path, "--items", "24", "--batch-size", "8", "--size", "32")
+
+
+@pytest.mark.timeout(300)
+def test_image_classification_image_folder(tmp_path):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        from image_classification import make_image_folder
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    data = make_image_folder(tmp_path / "images", 12, classes=3)
+    out = run_example(
+        "image_classification.py", tmp_path, "--data", str(data), "--batch-size", "4", "--size", "32"
+    )
+    assert "12 images in 3 classes" in out
+
+
+@pytest.mark.timeout(300)
+def test_text_classification(tmp_path):
+    run_example("text_classification.py", tmp_path, "--items", "60", "--batch-size", "16")
+
+
+@pytest.mark.timeout(300)
+def test_audio_features(tmp_path):
+    run_example("audio_features.py", tmp_path, "--items", "12", "--batch-size", "4")
+
+
+@pytest.mark.timeout(300)
+def test_frozen_features(tmp_path):
+    run_example("frozen_features.py", tmp_path, "--items", "8", "--batch-size", "4", "--epochs", "2")
+
+
+@pytest.mark.timeout(300)
+def test_kfold_calls_transform_once_per_item(tmp_path):
+    n = 40
+    out = run_example("kfold.py", tmp_path, "--items", str(n), "--batch-size", "8", "--epochs", "1")
+    match = re.search(r"transform calls: (\d+) for (\d+) items and 5 folds", out)
+    assert match, out
+    assert int(match.group(1)) == n == int(match.group(2))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import run_epochs  # examples/_common.py (the script's folder is on sys.path)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -192,19 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = BagOfTokens(tok.get_vocab_size(), 1 + max(label for _, label in rows))
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        times, rates = [], []
-        for epoch in range(args.epochs):
-            name = f"epoch {epoch + 1} ({'cold' if epoch == 0 else 'warm'})"
-            elapsed, rate = train_epoch(ds, loader, model, opt, name)
-            times.append(elapsed)
-            rates.append(rate)
-        if len(times) > 1:
-            print(
-                f"cold epoch {times[0]:.2f} s, warm epoch {times[1]:.2f} s "
-                f"({times[0] / times[1]:.1f}x); warm hit rate {rates[1]:.0%}; "
-                f"transform time {ds.stats.compute_seconds:.2f} s",
-                flush=True,
-            )
+        run_epochs(ds, loader, model, opt, args.epochs, train_epoch)
         del loader  # stop the workers before the temporary folder goes away
         ds.flush()
         ds.merge()  # one consolidated file for the next run

@@ -424,10 +424,9 @@ class CachedDataset(Dataset):
         store.refresh()
         if store.index is None or not store.writable:
             return
-        _, shards = store.file_count()
-        if shards == 0:
+        if store.shard_count == 0:
             return
-        if shards >= MAX_SHARDS or self._complete():
+        if store.shard_count >= MAX_SHARDS or self._complete():
             try:
                 store.merge(self._identity(), wait=0.0)
             except OSError as exc:

@@ -36,9 +36,6 @@ class Index:
         self._map: dict[int, int] = {}
         self.count = 0  # keys that have a row
 
-    def __contains__(self, key: int) -> bool:
-        return self.row(key) >= 0
-
     def row(self, key: int) -> int:
         """The row serving ``key``, or -1."""
         if self._dense is not None:

@@ -102,6 +102,7 @@ class Store:
         self._last_used = 0.0
         self.rng_checks_left = 16
         self._vanished = False
+        self.shard_count = 0
 
     def __getstate__(self) -> dict:
         return {k: getattr(self, k) for k in ("path", "fingerprint", "compression", "dense_size")}
@@ -235,6 +236,7 @@ class Store:
     def _refresh_once(self) -> bool:
         self.check_pid()
         newest, shards = self._listing()
+        self.shard_count = len(shards)  # as of this listing: lets housekeeping skip another one
         changed = False
         if self.index is None or newest != self._merged:
             if self.index is not None:
@@ -373,12 +375,10 @@ class Store:
             reader.read_into(memoryview(buf), int(idx.offset[row]))
         except (OSError, CorruptFile):
             return None  # the batched path sorts out vanished and corrupt files
-        seed = key & 0xFFFFFFFFFFFFFFFF
-        if len(slot_row):
-            seed ^= xxhash.xxh3_64_intdigest(slot_row.astype("<i8", copy=False).tobytes())
-        if xxhash.xxh3_64_intdigest(buf, seed=seed) != int(idx.checksum[row]):
+        slots = slot_row.tolist()
+        if checksum(key, buf, slots) != int(idx.checksum[row]):
             return None
-        return buf, slot_row.tolist()
+        return buf, slots
 
     def bad_item(self, key: int, why: Any) -> None:
         """An item that read back but could not be decoded: forget it and warn once per file."""
@@ -455,11 +455,6 @@ class Store:
             )
 
     # -- merging --------------------------------------------------------------------------
-
-    def file_count(self) -> tuple[int, int]:
-        """(merged files, shards) in the folder now."""
-        newest, shards = self._listing()
-        return (1 if newest else 0), len(shards)
 
     def merge(self, ident: Identity, *, wait: float = 60.0, progress: bool = False) -> bool:
         """Consolidate the newest merged file and every shard into a new merged file.

@@ -341,19 +341,6 @@ class Decoder:
         self.nslots = sum(leaf.nslots for leaf in self.leaves)
         self._single = self.leaves[0] if self._build is next else None
 
-    def size(self, slots: list[int]) -> int:
-        """Payload bytes an item with these slots must have (-1 for impossible slots)."""
-        if any(v < 0 for v in slots):
-            return -1
-        if self._single is not None:
-            return self._single.size(slots)
-        off = j = 0
-        for leaf in self.leaves:
-            a = leaf.align
-            off = (off + a - 1) // a * a + leaf.size(slots[j : j + leaf.nslots])
-            j += leaf.nslots
-        return off
-
     def decode(self, buf: bytearray | np.ndarray, base: int, slots: list[int]) -> Any:
         """Rebuild one item whose payload starts at ``buf[base]`` (16-byte aligned).
 

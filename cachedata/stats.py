@@ -79,6 +79,3 @@ class Counters:
         total = self._block.sum(0).tolist()
         ints = [round(v) for v in total[:5]]
         return CacheStats(*ints, compute_seconds=total[5], read_seconds=total[6])
-
-    def reset(self) -> None:
-        self._block.zero_()

@@ -123,3 +123,10 @@ def assert_same(a, b, where="item"):
         assert a.mode == b.mode and a.size == b.size and a.tobytes() == b.tobytes(), where
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def kill_on_item_30(item):
+    """add_one, except that the process computing item 30 kills itself (SIGKILL) mid-epoch."""
+    if item["name"] == "item-30":
+        os.kill(os.getpid(), 9)
+    return add_one(item)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import leftovers
-from helpers import LogCalls, Ragged, add_one, assert_same, count_calls, identity_batch
+from helpers import LogCalls, Ragged, add_one, assert_same, count_calls
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
@@ -134,30 +133,31 @@ def test_new_files_follow_the_umask(tmp_path):
         assert mode & 0o077 == 0, f"{p} has mode {oct(mode)}"
 
 
-def _kill_on(item):
-    if item["name"] == "item-30":
-        os.kill(os.getpid(), signal.SIGKILL)
-    return add_one(item)
+KILLED_LOADER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {here!r})
+    from torch.utils.data import DataLoader
+    from helpers import Ragged, identity_batch, kill_on_item_30
+    from cachedata import CachedDataset
+    ds = CachedDataset(Ragged(60), {cache!r}, transform=kill_on_item_30)
+    for _ in DataLoader(ds, batch_size=5, num_workers=2, collate_fn=identity_batch):
+        pass
+    """
+)
 
 
 @pytest.mark.timeout(180)
 def test_worker_killed_by_sigkill_mid_epoch(tmp_path):
     """Readers never see a torn file; the next run recomputes only what was lost."""
-    ds = CachedDataset(Ragged(60), tmp_path, transform=_kill_on)
-    loader = DataLoader(ds, batch_size=5, num_workers=2, collate_fn=identity_batch)
-    it = iter(loader)
-    error = ""
-    try:
-        for _ in it:
-            pass
-    except RuntimeError as exc:
-        error = str(exc)
-    finally:
-        # Stop the other worker and drop DataLoader's SIGCHLD hook before going on.
-        it._shutdown_workers()
-        del it
-    assert "killed by signal" in error or "exited unexpectedly" in error, error
-    stored = CachedDataset(Ragged(60), tmp_path, transform=_kill_on)
+    from helpers import kill_on_item_30
+
+    # The loader runs in its own process: DataLoader's SIGCHLD handling stays out of pytest.
+    code = KILLED_LOADER.format(here=HERE, cache=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=160)
+    assert out.returncode != 0
+    assert "killed by signal" in out.stderr or "exited unexpectedly" in out.stderr, out.stderr[-2000:]
+    stored = CachedDataset(Ragged(60), tmp_path, transform=kill_on_item_30)
     kept = stored.num_cached
     assert 0 < kept < 60
     for i in range(60):  # every file that is visible is complete and readable

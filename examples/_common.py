@@ -6,10 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 
-def run_epochs(ds: Any, loader: Any, model: Any, opt: Any, epochs: int, train_epoch: Callable) -> None:
-    """Train ``epochs`` epochs (the first one cold), then print cold vs warm time and hit rate.
+def run_epochs(
+    ds: Any, loader: Any, model: Any, opt: Any, epochs: int, train_epoch: Callable
+) -> tuple[list[float], list[float]]:
+    """Train ``epochs`` epochs (the first one cold), print cold vs warm time and hit rate.
 
-    ``train_epoch(ds, loader, model, opt, name)`` returns (seconds, hit rate of that epoch).
+    ``train_epoch(ds, loader, model, opt, name)`` returns (seconds, hit rate of that epoch);
+    the lists of both (one entry per epoch) are returned.
     """
     times, rates = [], []
     for epoch in range(epochs):
@@ -24,3 +27,4 @@ def run_epochs(ds: Any, loader: Any, model: Any, opt: Any, epochs: int, train_ep
             f"transform time {ds.stats.compute_seconds:.2f} s",
             flush=True,
         )
+    return times, rates

@@ -46,6 +46,40 @@ def test_image_classification_image_folder(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_demo_runs_the_image_example_and_ends_with_a_table(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "demo.py"),
+            "--images",
+            "16",
+            "--size",
+            "16",
+            "--cache-dir",
+            str(tmp_path / "c"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = dict(
+        re.match(r"  (.+?)\s{2,}(.+)$", line).groups()
+        for line in proc.stdout.splitlines()
+        if line.startswith("  ")
+    )
+    assert table["warm hit rate"] == "100%", proc.stdout
+    assert table["hits / misses (both epochs)"] == "16 / 16", proc.stdout
+    for key in ("cold epoch (decode, resize, store, train)", "warm epoch (read, train)", "speed-up"):
+        assert re.fullmatch(r"\d+\.\d+ s|\d+\.\dx", table[key]), (key, proc.stdout)
+    size_mib = float(table["cache size on disk"].removesuffix(" MiB"))
+    assert size_mib > 16 * 3 * 16 * 16 * 4 / 2**20  # at least the float32 images themselves
+    assert Path(table["cache folder"]).parent == tmp_path / "c"
+    assert "epoch 1 (cold)" in proc.stderr  # the tqdm progress bar
+
+
+@pytest.mark.timeout(300)
 def test_text_classification(tmp_path):
     run_example("text_classification.py", tmp_path, "--items", "60", "--batch-size", "16")
 

@@ -3,7 +3,10 @@
 Every tensor of a batch is written exactly once, into the buffer it is handed over in:
 
 - inside a DataLoader worker: shared memory (what the worker queue sends without copying it again,
-  the same trick as ``torch.utils.data.default_collate``);
+  the same trick as ``torch.utils.data.default_collate``). Creating a shared-memory segment costs
+  tens of microseconds whatever its size, so the small outputs of a batch (labels, lengths, small
+  features: each at most ``_SHARED_BLOCK_LEAF_BYTES``) are made in ordinary memory and then moved
+  together into ONE segment, each a view of its own aligned slice; large outputs get their own;
 - in the main process with a CUDA target: pinned memory, then one ``non_blocking`` copy to the device;
 - otherwise: ordinary memory.
 
@@ -21,8 +24,7 @@ import logging
 import math
 import numbers
 from collections.abc import Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any, NoReturn
 
 import numpy as np
@@ -37,8 +39,16 @@ _Path = tuple[Any, ...]
 _SHAPE = attrgetter("shape")
 _DTYPE = attrgetter("dtype")
 _NONE_TYPE = type(None)
+_ARRAY_TYPES = (torch.Tensor, np.ndarray)
 _IS_CPU = attrgetter("is_cpu")
 _memmove = ctypes.memmove
+_set_grad_enabled = torch._C._set_grad_enabled
+# In a worker, outputs up to this size share one shared-memory segment per batch (see the module
+# docstring); the segment lives as long as any of them, so it is kept small. Larger outputs are
+# written straight into a segment of their own (copying them once more would cost more than the
+# segment).
+_SHARED_BLOCK_LEAF_BYTES = 64 * 1024
+_SHARED_BLOCK_ALIGN = 64  # bytes: each output starts on a cache line
 # Python numbers and the tensor dtype default_collate gives them (bool before int: bool is an int).
 _NUMBER_DTYPES: dict[type, torch.dtype] = {
     bool: torch.bool,
@@ -46,6 +56,14 @@ _NUMBER_DTYPES: dict[type, torch.dtype] = {
     float: torch.float64,
     complex: torch.complex128,
 }
+# Exact types whose column needs no dispatch: numbers -> their tensor dtype, the rest -> None (kept a list).
+_SCALAR_DTYPES: dict[type, torch.dtype | None] = {
+    **_NUMBER_DTYPES,
+    str: None,
+    bytes: None,
+    _NONE_TYPE: None,
+}
+_NOT_SCALAR = object()
 _TORCH_TO_NP: dict[torch.dtype, type] = {
     torch.bool: np.bool_,
     torch.int64: np.int64,
@@ -158,6 +176,28 @@ def _copy_slices(
         out[index] = torch.as_tensor(sample)
 
 
+def _stack_plain(batch: list[torch.Tensor], n: int, shared: bool) -> torch.Tensor | None:
+    """``torch.stack(batch)`` for same-shape strided tensors of one dtype, else None (general path).
+
+    ``shared``: in a worker, only an output small enough for the batch's shared segment.
+    """
+    elem = batch[0]
+    if elem.layout is not torch.strided or elem.is_nested:
+        return None
+    if shared and n * elem.nbytes > _SHARED_BLOCK_LEAF_BYTES:
+        return None
+    try:
+        # a cheap guess at "not ragged" (stack checks every shape, and devices)
+        if elem.shape != batch[-1].shape:
+            return None
+        # stack would promote mixed dtypes silently: check them (1 attribute read a sample)
+        if list(map(_DTYPE, batch)).count(elem.dtype) != n:
+            return None
+        return torch.stack(batch, 0)
+    except (AttributeError, RuntimeError):  # a sample that is no tensor, ragged, another device
+        return None
+
+
 def _validate_pad_value(pad_value: Any) -> float | dict[Any, float]:
     if isinstance(pad_value, Mapping):
         for key, value in pad_value.items():
@@ -175,14 +215,44 @@ def _validate_pad_value(pad_value: Any) -> float | dict[Any, float]:
     return pad_value
 
 
-@dataclass(frozen=True)
 class _Call:
     """Per-call decisions: where outputs are allocated and where they are sent."""
 
-    shared: bool  # inside a DataLoader worker: allocate in shared memory
-    pinned: bool  # main process: allocate in pinned memory
-    target: torch.device | None  # copy each output there (None: stay where allocated)
-    non_blocking: bool
+    __slots__ = ("non_blocking", "pending", "pinned", "shared", "target")
+
+    def __init__(self, shared: bool, pinned: bool, target: torch.device | None, non_blocking: bool) -> None:
+        self.shared = shared  # inside a DataLoader worker: allocate in shared memory
+        self.pinned = pinned  # main process: allocate in pinned memory
+        self.target = target  # copy each output there (None: stay where allocated)
+        self.non_blocking = non_blocking
+        # worker: small outputs made in ordinary memory, moved into one shared segment at the end
+        self.pending: list[torch.Tensor] = []
+
+
+def _share_together(tensors: list[torch.Tensor]) -> None:
+    """Move ``tensors`` (fresh CPU outputs nothing else references yet) into ONE shared-memory segment.
+
+    Each tensor keeps its identity, shape and values: its data is copied to its own aligned slice
+    of the segment and the tensor is re-pointed there with ``set_``. One segment instead of one
+    per output is what makes a worker's batch of small outputs cheap (a segment costs tens of
+    microseconds to create, and as much again for the receiving process to map).
+    """
+    align = _SHARED_BLOCK_ALIGN
+    offsets = []
+    total = 0
+    for t in tensors:
+        offsets.append(total)
+        total += -(-t.nbytes // align) * align
+    storage = torch.UntypedStorage._new_shared(total)
+    base = storage.data_ptr()
+    for t, offset in zip(tensors, offsets, strict=True):
+        source = t if t.is_contiguous() else t.contiguous()
+        nbytes = source.nbytes
+        if nbytes:
+            _memmove(base + offset, source.data_ptr(), nbytes)
+        t.set_(
+            storage, offset // t.itemsize, source.shape, source.stride()
+        )  # set_ keeps old strides otherwise
 
 
 class CachedCollate:
@@ -208,7 +278,10 @@ class CachedCollate:
       enclosing dict key) to a number; keys not in the dict, and tensors outside any dict, use 0.
 
     Where outputs go: inside a DataLoader worker, into shared memory (``device`` is ignored
-    there; move batches with :class:`~cachedata.DeviceLoader`); in the main process with a CUDA
+    there; move batches with :class:`~cachedata.DeviceLoader`). There the small outputs of one
+    batch (each at most 64 KiB: labels, lengths, small features) are views of ONE shared segment,
+    which stays mapped while any of them is alive: ``.clone()`` a small piece you keep for long
+    (e.g. labels gathered over an epoch). In the main process with a CUDA
     ``device``, into pinned memory, then copied with ``non_blocking``; ``pin_memory=True`` pins
     even without a ``device``. Without CUDA (or with ``device`` None/"cpu") nothing is pinned and
     batches stay on the CPU, silently.
@@ -266,11 +339,20 @@ class CachedCollate:
 
     def collate(self, samples: Sequence[Any]) -> Any:
         """Turn a list of samples of one structure into a batch (see the class docstring)."""
-        batch = samples if isinstance(samples, list) else list(samples)
+        batch = samples if type(samples) is list else list(samples)
         if not batch:
             raise ValueError("CachedCollate got an empty list of samples; a batch needs at least one")
-        with torch.no_grad():
-            return self._collate(batch, (), None, self._plan())
+        call = self._plan()
+        # torch.no_grad() without its context-manager overhead (~2 us, 1-2% of a small batch)
+        grad_was_enabled = torch.is_grad_enabled()
+        _set_grad_enabled(False)
+        try:
+            result = self._collate(batch, (), None, call)
+            if call.pending:
+                _share_together(call.pending)
+        finally:
+            _set_grad_enabled(grad_was_enabled)
+        return result
 
     # -- where outputs go -------------------------------------------------------------------
 
@@ -296,16 +378,30 @@ class CachedCollate:
 
     @staticmethod
     def _empty(shape: Sequence[int], dtype: torch.dtype, call: _Call) -> torch.Tensor:
-        """An uninitialized CPU output in shared, pinned or ordinary memory."""
+        """An uninitialized CPU output in shared, pinned or ordinary memory.
+
+        In a worker, a small output is made in ordinary memory: :meth:`_send` queues it, and
+        :meth:`collate` moves all of them into one shared segment at the end.
+        """
         if call.shared:
-            # Allocate straight in shared memory, like default_collate: the worker queue then
-            # sends a handle instead of copying the batch into shared memory a second time.
-            storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
-            return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes > _SHARED_BLOCK_LEAF_BYTES:
+                # Straight into shared memory, like default_collate: the worker queue then sends
+                # a handle instead of copying the batch into shared memory a second time.
+                storage = torch.UntypedStorage._new_shared(nbytes)
+                return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
         return torch.empty(tuple(shape), dtype=dtype, pin_memory=call.pinned)
 
     @staticmethod
     def _send(out: torch.Tensor, call: _Call) -> torch.Tensor:
+        """Hand an output over: to the worker's shared memory, or copied to the target device."""
+        if call.shared:
+            if out.is_cpu:
+                if out.nbytes <= _SHARED_BLOCK_LEAF_BYTES:
+                    call.pending.append(out)  # into the batch's shared segment at the end
+                elif not out.is_shared():
+                    out.share_memory_()
+            return out
         if call.target is None:
             return out
         return out.to(call.target, non_blocking=call.non_blocking)
@@ -322,18 +418,24 @@ class CachedCollate:
 
     def _collate(self, batch: list[Any], path: _Path, key: Any, call: _Call) -> Any:
         elem_type = type(batch[0])
-        if issubclass(elem_type, (torch.Tensor, np.ndarray)):
+        if elem_type is torch.Tensor or elem_type is np.ndarray or issubclass(elem_type, _ARRAY_TYPES):
             return self._array_leaf(batch, path, self._pad_for(key), call)[0]
-        self._check_types(batch, path)
-        if issubclass(elem_type, (str, bytes)) or elem_type is _NONE_TYPE:
+        # One pass of type() over the column; the detailed error is only built on a mismatch.
+        if list(map(type, batch)).count(elem_type) != len(batch):
+            self._check_types(batch, path)
+        if elem_type is dict:  # the common sample: skip the abstract-class checks below
+            return self._mapping(batch, path, call)
+        number_dtype = _NUMBER_DTYPES.get(elem_type)  # exact bool/int/float/complex: the common case
+        if number_dtype is not None:
+            return self._numbers(batch, path, number_dtype, call)
+        if elem_type is str or elem_type is _NONE_TYPE or issubclass(elem_type, (str, bytes)):
             return batch
         if issubclass(elem_type, np.generic):
             return self._numpy_scalars(batch, path, call)
-        number_dtype = _NUMBER_DTYPES.get(elem_type)
-        if number_dtype is None and issubclass(elem_type, numbers.Number):
+        if issubclass(elem_type, numbers.Number):
             number_dtype = next((d for t, d in _NUMBER_DTYPES.items() if issubclass(elem_type, t)), None)
-        if number_dtype is not None:
-            return self._numbers(batch, path, number_dtype, call)
+            if number_dtype is not None:
+                return self._numbers(batch, path, number_dtype, call)
         if issubclass(elem_type, Mapping):
             return self._mapping(batch, path, call)
         if issubclass(elem_type, (tuple, list)):
@@ -344,28 +446,54 @@ class CachedCollate:
     def _mapping(self, batch: list[Mapping[Any, Any]], path: _Path, call: _Call) -> Any:
         elem = batch[0]
         keys = elem.keys()
-        # Same length + every key of sample 0 present (checked while gathering) = same keys.
-        sizes = list(map(len, batch))
-        if sizes.count(sizes[0]) != len(batch):
+        # Every sample holds each key of sample 0 (a missing one raises KeyError while gathering
+        # below) and as many keys in all (checked here) = the same keys. One len() a sample.
+        n = len(batch)
+        if sum(map(len, batch)) != n * len(keys):
             self._raise_keys(batch, path)
         # With an attention mask the model already knows the lengths: add no `_lengths` keys.
         add_lengths = "attention_mask" not in keys
+        # Outputs in ordinary memory, handed over as they are (main process without pinning,
+        # or a worker's small outputs, which go into the batch's shared segment at the end).
+        plain = call.target is None and not call.pinned
         result: dict[Any, Any] = {}
         for k in keys:
             try:
-                column = list(map(itemgetter(k), batch))
+                # a comprehension: d[k] is specialized for dicts, faster than map(operator.itemgetter(k))
+                column = [d[k] for d in batch]
             except KeyError:
                 self._raise_keys(batch, path)
-            child = (*path, k)
-            if isinstance(column[0], (torch.Tensor, np.ndarray)):
-                value, shapes = self._array_leaf(column, child, self._pad_for(k), call)
+            value_type = type(column[0])
+            scalar_dtype = _SCALAR_DTYPES.get(value_type, _NOT_SCALAR)
+            if scalar_dtype is not _NOT_SCALAR:
+                # Exactly int/float/bool/complex/str/bytes/None (labels, weights, ids): what
+                # _collate would do, without its dispatch. One type() a sample; the detailed
+                # error is only worked out on a mismatch.
+                if list(map(type, column)).count(value_type) != n:
+                    self._check_types(column, (*path, k))
+                if scalar_dtype is None:
+                    result[k] = column
+                else:
+                    result[k] = self._numbers(column, (*path, k), scalar_dtype, call)
+            elif (
+                value_type is torch.Tensor or value_type is np.ndarray or issubclass(value_type, _ARRAY_TYPES)
+            ):
+                if value_type is torch.Tensor and plain:
+                    # Same-shape plain tensors (features, fixed-length ids): one dtype pass and
+                    # one stack. Anything else (ragged, sparse, mixed dtypes or devices, a big
+                    # output in a worker) takes _array_leaf, which also words the errors.
+                    out = _stack_plain(column, n, call.shared)
+                    if out is not None:
+                        result[k] = self._send(out, call) if call.shared else out
+                        continue
+                value, shapes = self._array_leaf(column, (*path, k), self._pad_for(k), call)
                 result[k] = value
                 if shapes is not None and add_lengths and isinstance(k, str):
                     length_key = k + "_lengths"
                     if length_key not in keys:
                         result[length_key] = self._values([s[0] for s in shapes], torch.int64, call)
             else:
-                result[k] = self._collate(column, child, k, call)
+                result[k] = self._collate(column, (*path, k), k, call)
         if type(elem) is dict:
             return result
         try:
@@ -426,16 +554,19 @@ class CachedCollate:
 
     def _values(self, values: list[Any], dtype: torch.dtype, call: _Call) -> torch.Tensor:
         """A 1-D tensor of Python/numpy scalars, converted by numpy in one C loop (no torch.tensor)."""
-        if call.shared or call.pinned:
+        if call.pinned or (call.shared and len(values) * dtype.itemsize > _SHARED_BLOCK_LEAF_BYTES):
             out = self._empty((len(values),), dtype, call)
             out.numpy()[:] = values
-        else:
+        else:  # ordinary memory (in a worker: moved into the batch's shared segment at the end)
             np_dtype = _TORCH_TO_NP.get(dtype) or torch.empty(0, dtype=dtype).numpy().dtype
             out = torch.from_numpy(np.fromiter(values, dtype=np_dtype, count=len(values)))
         return self._send(out, call)
 
     def _numbers(self, batch: list[Any], path: _Path, dtype: torch.dtype, call: _Call) -> torch.Tensor:
         try:
+            if call.target is None and not call.pinned and not call.shared:  # ordinary memory
+                np_dtype = _TORCH_TO_NP.get(dtype) or torch.empty(0, dtype=dtype).numpy().dtype
+                return torch.from_numpy(np.fromiter(batch, dtype=np_dtype, count=len(batch)))
             return self._values(batch, dtype, call)
         except (OverflowError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -501,8 +632,11 @@ class CachedCollate:
                 if is_numpy:
                     out = empty((n, *elem.shape))
                     np.stack(batch, axis=0, out=out.numpy())
-                elif on_device or not (call.shared or call.pinned):
-                    # Ordinary memory: stack allocates the output itself, and its out= variant
+                elif on_device or not (
+                    call.pinned or (call.shared and n * elem.nbytes > _SHARED_BLOCK_LEAF_BYTES)
+                ):
+                    # Ordinary memory (in a worker, a small output goes to the batch's shared
+                    # segment later): stack allocates the output itself, and its out= variant
                     # is ~2x slower for many small tensors (it unsqueezes each input first).
                     out = torch.stack(batch, 0)
                 else:

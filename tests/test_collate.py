@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 from collections import OrderedDict, UserDict
 from typing import Any, NamedTuple
@@ -620,6 +621,187 @@ def test_without_cuda_batches_stay_on_cpu_silently(
 def test_device_cpu_keeps_batches_on_cpu() -> None:
     batch = CachedCollate(device="cpu")([torch.ones(2), torch.ones(3)])
     assert batch.device.type == "cpu" and not batch.is_pinned()
+
+
+# -- fast paths and the worker's shared segment ----------------------------------------------------
+
+
+def _as_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+
+
+def _general_paths_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the dict fast paths off: every column goes through _collate / _array_leaf."""
+    monkeypatch.setattr(collate_module, "_stack_plain", lambda batch, n, shared: None)
+    monkeypatch.setattr(collate_module, "_SCALAR_DTYPES", {})
+
+
+def mixed_samples(n: int = 6) -> list[dict[str, Any]]:
+    """Every kind of column a dict sample can hold, small and large."""
+    return [
+        {
+            "feat": make((4,), torch.float32, seed=i),
+            "img": make((2, 3), torch.uint8, seed=i),
+            "half": make((3,), torch.bfloat16, seed=i),
+            "cplx": make((2,), torch.complex64, seed=i),
+            "mask": torch.ones(5, dtype=torch.bool),
+            "ids": torch.arange(1 + i % 3) + 1,  # ragged: padded, with ids_lengths
+            "big": make((20_000,), torch.float32, seed=i),  # 80 KB a sample: its own segment
+            "param": torch.nn.Parameter(torch.ones(2) * i, requires_grad=False),  # a subclass
+            "grad": torch.ones(3).requires_grad_(),
+            "label": i % 3,
+            "weight": i / 4,
+            "flag": i % 2 == 0,
+            "z": complex(i, 1),
+            "name": f"s{i}",
+            "raw": bytes([i]),
+            "none": None,
+            "np": np.arange(3, dtype=np.float32) + i,
+            "np_scalar": np.int16(i),
+            "nested": {"t": torch.full((2,), float(i)), "pair": [i, float(i)]},
+            "tup": (torch.ones(1) * i, "x"),
+        }
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_fast_paths_give_the_general_paths_results(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = mixed_samples()
+    collate = CachedCollate(pad_value={"ids": -1})
+    reference = collate(samples)  # main process, fast paths on
+    if where == "worker":
+        _as_worker(monkeypatch)
+    fast = collate(samples)
+    _general_paths_only(monkeypatch)
+    general = collate(samples)
+    assert_same(fast, general)
+    assert_same(fast, reference)
+    assert list(fast) == [*list(samples[0])[:6], "ids_lengths", *list(samples[0])[6:]]
+    assert not fast["grad"].requires_grad
+    if where == "worker":
+        assert all(t.is_shared() for t in _tensors(fast))
+
+
+def test_worker_small_outputs_share_one_segment(monkeypatch: pytest.MonkeyPatch) -> None:
+    samples = mixed_samples()
+    expected = CachedCollate()(samples)
+    _as_worker(monkeypatch)
+    batch = CachedCollate()(samples)
+    assert_same(batch, expected)
+    tensors = _tensors(batch)
+    assert all(t.is_shared() for t in tensors)
+    small = [t for t in tensors if t.nbytes <= 64 * 1024]
+    big = [t for t in tensors if t.nbytes > 64 * 1024]
+    assert len(small) == len(tensors) - 1 and [t.shape for t in big] == [(6, 20_000)]
+    segment = small[0].untyped_storage()
+    base = segment.data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in small)
+    assert big[0].untyped_storage().data_ptr() != base
+    # each output in its own aligned slice: no overlap, so writing one changes no other
+    spans = sorted((t.data_ptr() - base, t.data_ptr() - base + t.nbytes) for t in small)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(spans))
+    assert spans[-1][1] <= segment.nbytes()
+    batch["label"].fill_(7)
+    assert_same(batch["feat"], expected["feat"])
+    assert_same(batch["weight"], expected["weight"])
+
+
+def test_share_together_keeps_identity_shape_and_values() -> None:
+    tensors = [
+        torch.arange(5, dtype=torch.int64),
+        torch.tensor([True, False, True]),
+        torch.arange(6, dtype=torch.float64).reshape(2, 3).t(),  # non-contiguous
+        torch.empty(0, 4),
+        torch.tensor([1 + 2j], dtype=torch.complex128),
+        torch.tensor(2.5),  # zero-dim
+    ]
+    expected = [t.clone() for t in tensors]
+    ids = [id(t) for t in tensors]
+    collate_module._share_together(tensors)
+    assert [id(t) for t in tensors] == ids
+    for got, want in zip(tensors, expected):
+        assert got.is_shared() and got.is_contiguous()
+        assert_same(got, want)
+    assert len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        # a lower dtype: torch.stack would promote it silently, so it must be caught per sample
+        ({"feat": torch.zeros(4, dtype=torch.int32)}, r"dtype int32 differs from sample 0's float32$"),
+        ({"feat": torch.zeros(4, dtype=torch.float64)}, r"dtype float64 differs from sample 0's float32$"),
+        ({"feat": torch.zeros(4, 1)}, r"2 dimensions \(shape \(4, 1\)\) differ from sample 0's 1"),
+        ({"feat": np.zeros(4, np.float32)}, r"type numpy\.ndarray differs from sample 0's torch\.Tensor$"),
+        ({"feat": 1.0}, r"type float differs from sample 0's torch\.Tensor$"),
+        ({"label": True}, r"type bool differs from sample 0's int$"),
+        ({"label": 1.5}, r"type float differs from sample 0's int$"),
+        ({"w": 1}, r"type int differs from sample 0's float$"),
+        ({"name": None}, r"type NoneType differs from sample 0's str$"),
+    ],
+    ids=["lower-dtype", "higher-dtype", "ndim", "array", "float", "bool", "int-float", "float-int", "none"],
+)
+def test_mismatch_in_a_dict_names_position_and_key_path(
+    where: str, change: dict[str, Any], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [{"m": {"feat": torch.ones(4), "label": 1, "w": 0.5, "name": "a"}} for _ in range(8)]
+    samples[5]["m"].update(change)
+    if where == "worker":
+        _as_worker(monkeypatch)
+    key = next(iter(change))
+    with pytest.raises(ValueError, match=rf'^sample 5 at \["m"\]\["{key}"\]: {message}'):
+        CachedCollate()(samples)
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(extra=1), r"missing \[\], unexpected \['extra'\]"),
+        (lambda d: d.pop("label"), r"missing \['label'\], unexpected \[\]"),
+        (lambda d: d.update(lab=d.pop("label")), r"missing \['label'\], unexpected \['lab'\]"),
+    ],
+    ids=["extra", "missing", "renamed"],
+)
+def test_key_mismatch_in_a_dict_names_position_and_path(
+    where: str, change: Any, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [{"m": {"feat": torch.ones(4), "label": 1}} for _ in range(8)]
+    change(samples[6]["m"])
+    if where == "worker":
+        _as_worker(monkeypatch)
+    with pytest.raises(
+        ValueError, match=rf"^sample 6 at \[\"m\"\]: keys differ from sample 0's \({message}\)"
+    ):
+        CachedCollate()(samples)
+
+
+@pytest.mark.parametrize("where", ["main", "worker"])
+def test_ragged_in_the_middle_still_pads(where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """First and last samples agree in shape (the fast path's guess), a middle one does not."""
+    samples = [{"x": torch.ones(n), "y": i} for i, n in enumerate((3, 5, 3))]
+    if where == "worker":
+        _as_worker(monkeypatch)
+    batch = CachedCollate(pad_value=-1)(samples)
+    assert_same(batch["x"], torch.tensor([[1.0, 1, 1, -1, -1], [1, 1, 1, 1, 1], [1, 1, 1, -1, -1]]))
+    assert_same(batch["x_lengths"], torch.tensor([3, 5, 3]))
+    assert_same(batch["y"], torch.tensor([0, 1, 2]))
+
+
+def test_grad_mode_is_restored() -> None:
+    samples = [{"x": torch.ones(2).requires_grad_(), "y": 1} for _ in range(3)]
+    with torch.enable_grad():
+        assert not CachedCollate()(samples)["x"].requires_grad
+        assert torch.is_grad_enabled()
+        with pytest.raises(ValueError):
+            CachedCollate()([*samples, {"x": torch.ones(2), "y": 1.5}])
+        assert torch.is_grad_enabled()
+    with torch.no_grad():
+        CachedCollate()(samples)
+        assert not torch.is_grad_enabled()
 
 
 # -- CUDA -----------------------------------------------------------------------------------------

@@ -27,12 +27,10 @@ import argparse
 import gc
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +40,22 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cachedata
+from _common import (  # benchmarks/_common.py: helpers shared with bench_peers.py
+    check_equal,
+    epoch,
+    interleaved,
+    machine,
+    make_tmp,
+    maybe_summary,
+    reset_hwm,
+    summary,
+    timed,
+    vm_hwm,
+    write_json,
+)
+
 from cachedata import CachedDataset
 
 # ------------------------------------------------------------------------------ datasets
@@ -124,7 +136,7 @@ class SmallSource(Dataset):
 
 
 class TinySource(Dataset):
-    """int64[4] items (i, i+1, i+2, i+3) for the index-size case."""
+    """int64[4] items (i, i+1, i+2, i+3) for the index-size case (and bench_peers' scaling)."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -202,69 +214,6 @@ class NumpyTransform:
             times.append((time.perf_counter() - t0) / 5)
         per_iter = min(times) / 200  # the minimum: background load only ever adds time
         return cls(max(1, round(ms / 1e3 / per_iter)))
-
-
-# ------------------------------------------------------------------------------- helpers
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    med = statistics.median(values)
-    return {
-        "median": med,
-        "min": min(values),
-        "max": max(values),
-        "spread": (max(values) - min(values)) / med if med else 0.0,
-        "n": len(values),
-    }
-
-
-def _maybe_summary(values: list[float | None]) -> dict[str, float] | None:
-    return None if any(v is None for v in values) else summary(values)  # type: ignore[arg-type]
-
-
-def epoch(loader: DataLoader) -> int:
-    n = 0
-    for batch in loader:
-        n += len(batch)
-    return n
-
-
-def timed(fn: Callable[[], Any]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, cpu: dict[str, list[float]] | None = None
-) -> dict[str, list[float]]:
-    """Wall seconds of each function per repeat, alternating the order so noise hits all of them.
-
-    ``cpu``, when given, receives this process's CPU seconds per run: unlike wall time, it
-    hardly grows when other jobs compete for the CPUs (a diagnostic on a shared machine).
-    """
-    names = list(fns)
-    out: dict[str, list[float]] = {k: [] for k in names}
-    if cpu is not None:
-        cpu.update({k: [] for k in names})
-    for r in range(repeats):
-        order = names if r % 2 == 0 else names[::-1]
-        for name in order:
-            gc.collect()
-            c0 = time.process_time()
-            out[name].append(timed(fns[name]))
-            if cpu is not None:
-                cpu[name].append(time.process_time() - c0)
-    return out
-
-
-def check_equal(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
-    if not (isinstance(a, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)):
-        raise SystemExit(f"benchmark sanity check failed: {what}: cachedata returned different data")
-
-
-def make_tmp(root: str | None, tag: str) -> Path:
-    return Path(tempfile.mkdtemp(prefix=f"cachedata-bench-{tag}-", dir=root))
 
 
 # -------------------------------------------------------------------------------- cases
@@ -438,6 +387,7 @@ def case_cold(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
                 * 1e6,
                 "ratio": ratio,
                 "ratio_per_repeat": summary(ratios),
+                "ratios": ratios,
                 "ratio_of_medians": statistics.median(times["cachedata"])
                 / statistics.median(times["uncached"]),
                 "epoch_only_ratio": epoch_ratio,
@@ -451,28 +401,36 @@ def case_cold(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _vm_hwm() -> int | None:
-    """Peak RSS of this process in bytes (VmHWM), or None where /proc does not say."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+def build_tiny_cache(n: int, cache_dir: Path) -> dict[str, Any]:
+    """Cache every TinySource(n) item through ``__getitems__`` batches of 65,536, then merge."""
+    cds = CachedDataset(TinySource(n), cache_dir)
+    t0 = time.perf_counter()
+    step = 65536
+    for lo in range(0, n, step):
+        cds.__getitems__(range(lo, min(n, lo + step)))
+    t1 = time.perf_counter()
+    cds.merge()
+    t2 = time.perf_counter()
+    out = {
+        "getitems_seconds": t1 - t0,
+        "merge_seconds": t2 - t1,
+        "items_per_s": n / (t2 - t0),
+        "files": sorted(p.name for p in cds.path.glob("*.h5")),
+        "bytes_on_disk": sum(p.stat().st_size for p in cds.path.glob("*.h5")),
+        "fingerprint": cds.fingerprint,
+    }
+    del cds
+    gc.collect()
+    return out
 
 
-def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+def open_probe(cache_dir: str | Path, n: int, reads: int = 0) -> dict[str, Any]:
+    """In a process that has not opened the cache yet: time from ``CachedDataset(...)`` to the
+    first ``ds[0]`` returning and the RSS increase over that span (peak, and after malloc_trim).
 
-
-def probe_open(cache_dir: str, n: int) -> None:
-    """Subprocess side of case 4: construction to first item, RSS increase; prints JSON."""
+    With ``reads`` > 0, also the warm per-item cost of a ``ds[i]`` loop and of
+    ``__getitems__`` batches of 256 over ``reads`` random indices (after the memory figures).
+    """
     import ctypes
 
     import psutil
@@ -480,7 +438,7 @@ def probe_open(cache_dir: str, n: int) -> None:
     proc = psutil.Process()
     src = TinySource(n)
     gc.collect()
-    can_peak = _reset_hwm()
+    can_peak = reset_hwm()
     rss0 = proc.memory_info().rss
     t0 = time.perf_counter()
     ds = CachedDataset(src, cache_dir)
@@ -488,7 +446,7 @@ def probe_open(cache_dir: str, n: int) -> None:
     x = ds[0]
     t2 = time.perf_counter()
     rss1 = proc.memory_info().rss
-    peak = _vm_hwm() if can_peak else None
+    peak = vm_hwm() if can_peak else None
     y = ds[n - 1]
     st = ds.stats
     same = torch.equal(x, src[0]) and torch.equal(y, src[n - 1])
@@ -500,42 +458,43 @@ def probe_open(cache_dir: str, n: int) -> None:
         trimmed = proc.memory_info().rss - rss0
     except (OSError, AttributeError):
         pass
-    print(
-        json.dumps(
-            {
-                "open_seconds": t2 - t0,
-                "construct_seconds": t1 - t0,
-                "first_read_seconds": t2 - t1,
-                "rss_increase_bytes": rss1 - rss0,
-                "peak_rss_increase_bytes": None if peak is None else max(0, peak - rss0),
-                "rss_increase_after_malloc_trim_bytes": trimmed,
-                "ok": bool(ok),
-                "equal": bool(same),
-                "hits": st.hits,
-                "misses": st.misses,
-                "fingerprint": ds.fingerprint,
-            }
-        )
-    )
+    out: dict[str, Any] = {
+        "open_seconds": t2 - t0,
+        "construct_seconds": t1 - t0,
+        "first_read_seconds": t2 - t1,
+        "rss_increase_bytes": rss1 - rss0,
+        "peak_rss_increase_bytes": None if peak is None else max(0, peak - rss0),
+        "rss_increase_after_malloc_trim_bytes": trimmed,
+        "ok": bool(ok),
+        "equal": bool(same),
+        "hits": st.hits,
+        "misses": st.misses,
+        "fingerprint": ds.fingerprint,
+    }
+    if reads > 0:
+        idx = np.random.default_rng(5).integers(0, n, reads).tolist()
+        get, getitems = ds.__getitem__, ds.__getitems__
+        for i in idx[:256]:  # first touches of the pages and the allocator, untimed
+            get(i)
+        t0 = time.perf_counter()
+        for i in idx:
+            get(i)
+        t1 = time.perf_counter()
+        for lo in range(0, reads, 256):
+            getitems(idx[lo : lo + 256])
+        t2 = time.perf_counter()
+        out["loop_us_per_item"] = (t1 - t0) / reads * 1e6
+        out["getitems_us_per_item"] = (t2 - t1) / reads * 1e6
+        out["reads"] = reads
+        out["ok"] = out["ok"] and ds.stats.misses == 0
+    return out
 
 
 def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
     tmp = make_tmp(tmp_root, "index")
     try:
-        src = TinySource(n)
-        cds = CachedDataset(src, tmp / "cache")
-        t0 = time.perf_counter()
-        step = 65536
-        for lo in range(0, n, step):
-            cds.__getitems__(range(lo, min(n, lo + step)))
-        t1 = time.perf_counter()
-        cds.merge()
-        t2 = time.perf_counter()
-        built_fp = cds.fingerprint
-        files = sorted(p.name for p in cds.path.glob("*.h5"))
-        disk = sum(p.stat().st_size for p in cds.path.glob("*.h5"))
-        del cds
-        gc.collect()
+        build = build_tiny_cache(n, tmp / "cache")
+        built_fp = build.pop("fingerprint")
         runs = []
         for _ in range(repeats):
             res = subprocess.run(
@@ -561,20 +520,14 @@ def case_index(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
         open_bound, rss_bound = 1.0 * scale, 100e6 * scale
         return {
             "items": n,
-            "build": {
-                "getitems_seconds": t1 - t0,
-                "merge_seconds": t2 - t1,
-                "items_per_s": n / (t2 - t0),
-                "files": files,
-                "bytes_on_disk": disk,
-            },
+            "build": build,
             "open_seconds": open_s,
             "construct_seconds": summary([r["construct_seconds"] for r in runs]),
             "first_read_seconds": summary([r["first_read_seconds"] for r in runs]),
             "rss_increase_bytes": rss,
             "rss_bytes_per_item": rss["median"] / n,
-            "peak_rss_increase_bytes": _maybe_summary([r["peak_rss_increase_bytes"] for r in runs]),
-            "rss_increase_after_malloc_trim_bytes": _maybe_summary(
+            "peak_rss_increase_bytes": maybe_summary([r["peak_rss_increase_bytes"] for r in runs]),
+            "rss_increase_after_malloc_trim_bytes": maybe_summary(
                 [r["rss_increase_after_malloc_trim_bytes"] for r in runs]
             ),
             "open_bound_seconds": open_bound,
@@ -612,40 +565,6 @@ def case_fingerprint(n: int, repeats: int, tmp_root: str | None) -> dict[str, An
         "one_weight_changes_it": changed,
         "target": "< 1 s for 100 MB",
         "pass": secs["median"] < 1.0 and changed,
-    }
-
-
-def machine() -> dict[str, Any]:
-    try:
-        import psutil
-
-        mem = psutil.virtual_memory().total
-    except ImportError:
-        mem = None
-    cpu_model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import h5py
-
-    return {
-        "cpu_count": os.cpu_count(),
-        "sched_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "memory_bytes": mem,
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": list(os.getloadavg()),
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "cachedata": cachedata.__version__,
     }
 
 
@@ -727,7 +646,8 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main() -> int:
     if len(sys.argv) == 4 and sys.argv[1] == "--_probe-open":
-        probe_open(sys.argv[2], int(sys.argv[3]))
+        # Subprocess side of case 4: construction to first item, RSS increase; prints JSON.
+        print(json.dumps(open_probe(sys.argv[2], int(sys.argv[3]))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller datasets and 3 repeats (smoke run)")
@@ -800,11 +720,7 @@ def main() -> int:
         "results": results,
         "all_pass": all_pass,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    os.replace(tmp, out)
+    out = write_json(args.out, report)
     print(f"\n{'ALL PASS' if all_pass else 'SOME FAIL'}; total {report['total_seconds']:.0f} s; wrote {out}")
     return 0 if all_pass else 1
 

@@ -8,6 +8,7 @@ The numbers of a tiny run mean nothing; only the shape of the output is checked.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -105,4 +106,5 @@ def test_report_only_with_a_missing_peer(tiny_run):
     peer_targets = [t for t in rendered["targets"] if t["id"].endswith("_peers")]
     notes = [t["by_variant"]["default"]["note"] for t in peer_targets]
     if all(report["workloads"][wl]["systems"]["npz"]["status"] == "ok" for wl in WORKLOADS):
-        assert all("judged without HF datasets" in n for n in notes), notes
+        # (MONAI may be missing too, as in CI: then both are named)
+        assert all(re.search(r"judged without [^;]*HF datasets", n) for n in notes), notes

@@ -301,6 +301,41 @@ def test_flush_merge_layout_readable_with_h5py_alone(tmp_path):
     assert meta["fingerprint"] == ds.fingerprint and meta["versions"]["torch"] == torch.__version__
 
 
+@pytest.mark.parametrize("batch_bytes", [1, 700, 1 << 20])
+def test_merge_copies_in_batches_through_one_buffer_and_drops_a_corrupt_item(
+    tmp_path, monkeypatch, caplog, batch_bytes
+):
+    """merge() reads batches of about _MERGE_BATCH_BYTES into one reused buffer: every item
+    must still land intact, whatever the batch boundaries, and a corrupt one is left out."""
+    from cachedata import namespace
+
+    monkeypatch.setattr(namespace, "_MERGE_BATCH_BYTES", batch_bytes)
+    items = [torch.arange(i * 37 % 300 + 1, dtype=torch.int64) * (i + 1) for i in range(40)]
+    ds = CachedDataset(ListDataset(items), tmp_path)
+    for lo in range(0, 40, 8):  # five shards
+        ds.__getitems__(list(range(lo, lo + 8)))
+        ds.flush()
+    (shard, *_) = sorted(ds.path.glob("shard-*.h5"))
+    with h5py.File(shard, "r", locking=False) as f:
+        row = f["index"][0]
+        at = int(f["data"].id.get_offset()) + int(row["offset"]) + 3
+    with open(shard, "r+b") as fh:  # flip one byte of the shard's first item
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0xFF]))
+    caplog.clear()
+    assert ds.merge()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and shard.name in warnings[0], warnings
+    fresh = CachedDataset(ListDataset(items), tmp_path)
+    assert fresh.num_cached == 39 and not fresh.is_cached(int(row["key"]))
+    for i in range(40):
+        assert_same(fresh[i], items[i])
+    assert fresh.stats.misses == 1
+    assert leftovers(tmp_path) == []
+
+
 def test_a_new_process_sees_every_item_as_a_hit(tmp_path):
     ds = CachedDataset(Ragged(15), tmp_path, transform=add_one)
     [ds[i] for i in range(15)]

@@ -1275,7 +1275,7 @@ def headline_markdown(report: dict[str, Any]) -> str:
             ]
         )
     head = [
-        "warm epoch, DataLoader(batch_size=64)",
+        "warm epoch, DataLoader(batch_size=64, num_workers=0)",
         "cachedata",
         "vs limit",
         "fastest disk-backed peer",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -126,33 +125,10 @@ class MelClassifier(nn.Module):
         return self.head(pooled)
 
 
-def train_epoch(ds, loader, model, opt, name: str) -> tuple[float, float]:
-    """One training epoch; prints and returns (seconds, hit rate of this epoch)."""
-    before = ds.stats
-    start = time.perf_counter()
-    total, correct, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        mel = batch["mel"]
-        # CachedCollate adds mel_lengths when a batch is ragged (absent when all lengths agree)
-        lengths = batch.get("mel_lengths", torch.full((len(mel),), mel.shape[1]))
-        logits = model(mel, lengths)
-        loss = nn.functional.cross_entropy(logits, batch["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * len(logits)
-        correct += (logits.argmax(1) == batch["label"]).sum().item()
-        total += len(logits)
-    elapsed = time.perf_counter() - start
-    after = ds.stats
-    hits, misses = after.hits - before.hits, after.misses - before.misses
-    rate = hits / max(1, hits + misses)
-    print(
-        f"{name}: {elapsed:.2f} s, hits {hits}, misses {misses}, hit rate {rate:.0%}, "
-        f"loss {loss_sum / total:.3f}, accuracy {correct / total:.0%}",
-        flush=True,
-    )
-    return elapsed, rate
+def mel_and_lengths(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padded mel batch and its lengths (CachedCollate adds ``mel_lengths`` only when ragged)."""
+    mel = batch["mel"]
+    return mel, batch.get("mel_lengths", torch.full((len(mel),), mel.shape[1]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = MelClassifier(40, len(files.classes))
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        run_epochs(ds, loader, model, opt, args.epochs, train_epoch)
+        run_epochs(
+            ds, loader, opt, args.epochs, lambda batch: (model(*mel_and_lengths(batch)), batch["label"])
+        )
         del loader  # stop the workers before the temporary folder goes away
         ds.flush()
         ds.merge()  # one consolidated file for the next run

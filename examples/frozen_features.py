@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -115,32 +114,6 @@ class BackboneFeatures:
         return [{"features": f, "label": item["label"]} for f, item in zip(feats, items)]
 
 
-def train_epoch(ds, loader, probe, opt, name: str) -> tuple[float, float]:
-    """One epoch of the linear probe; prints and returns (seconds, hit rate of this epoch)."""
-    before = ds.stats
-    start = time.perf_counter()
-    total, correct, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        logits = probe(batch["features"])
-        loss = nn.functional.cross_entropy(logits, batch["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * len(logits)
-        correct += (logits.argmax(1) == batch["label"]).sum().item()
-        total += len(logits)
-    elapsed = time.perf_counter() - start
-    after = ds.stats
-    hits, misses = after.hits - before.hits, after.misses - before.misses
-    rate = hits / max(1, hits + misses)
-    print(
-        f"{name}: {elapsed:.2f} s, hits {hits}, misses {misses}, hit rate {rate:.0%}, "
-        f"loss {loss_sum / total:.3f}, accuracy {correct / total:.0%}",
-        flush=True,
-    )
-    return elapsed, rate
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="ImageFolder-style folder (default: generated)")
@@ -170,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         # a linear probe (features standardized first: a random-init backbone has no fixed scale)
         probe = nn.Sequential(nn.LayerNorm(512, elementwise_affine=False), nn.Linear(512, len(base.classes)))
         opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
-        run_epochs(ds, loader, probe, opt, args.epochs, train_epoch)
+        run_epochs(ds, loader, opt, args.epochs, lambda batch: (probe(batch["features"]), batch["label"]))
         del loader  # stop the workers before the temporary folder goes away
         ds.flush()
         ds.merge()  # one consolidated file for the next run

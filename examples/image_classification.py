@@ -14,9 +14,7 @@ item), the second warm (reads them back); both times and the warm hit rate are p
 from __future__ import annotations
 
 import argparse
-import functools
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,6 @@ from _common import run_epochs  # examples/_common.py (the script's folder is on
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
-from tqdm import tqdm
 
 from cachedata import CachedDataset
 from cachedata.transforms import DecodeImage
@@ -134,40 +131,6 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
-def train_epoch(ds, loader, model, opt, name: str, *, progress: bool = False) -> tuple[float, float]:
-    """One training epoch; prints and returns (seconds, hit rate of this epoch)."""
-    before = ds.stats
-    start = time.perf_counter()
-    total, correct, loss_sum, waited = 0, 0, 0.0, 0.0
-    model.train()
-    batches = iter(tqdm(loader, desc=name, unit="batch", leave=False) if progress else loader)
-    while True:
-        t0 = time.perf_counter()
-        try:
-            images, labels = next(batches)
-        except StopIteration:
-            break
-        waited += time.perf_counter() - t0
-        logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        total += len(labels)
-    elapsed = time.perf_counter() - start
-    after = ds.stats
-    hits, misses = after.hits - before.hits, after.misses - before.misses
-    rate = hits / max(1, hits + misses)
-    print(
-        f"{name}: {elapsed:.2f} s (waiting for data {waited:.2f} s), hits {hits}, misses {misses}, hit rate {rate:.0%}, "
-        f"loss {loss_sum / total:.3f}, accuracy {correct / total:.0%}",
-        flush=True,
-    )
-    return elapsed, rate
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="ImageFolder-style folder (default: generated)")
@@ -210,8 +173,7 @@ def train(
     )
     model = SmallCNN(len(files.classes))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    epoch = functools.partial(train_epoch, progress=progress)
-    times, rates = run_epochs(ds, loader, model, opt, args.epochs, epoch)
+    times, rates = run_epochs(ds, loader, opt, args.epochs, lambda b: (model(b[0]), b[1]), progress=progress)
     del loader  # stop the workers before the temporary folder goes away
     ds.flush()
     ds.merge()  # one consolidated file for the next run

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -134,32 +133,6 @@ class BagOfTokens(nn.Module):
         return self.head(summed / weights.sum(1, keepdim=True).clamp_min(1))
 
 
-def train_epoch(ds, loader, model, opt, name: str) -> tuple[float, float]:
-    """One training epoch; prints and returns (seconds, hit rate of this epoch)."""
-    before = ds.stats
-    start = time.perf_counter()
-    total, correct, loss_sum = 0, 0, 0.0
-    for batch in loader:
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss = nn.functional.cross_entropy(logits, batch["label"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        loss_sum += loss.item() * len(logits)
-        correct += (logits.argmax(1) == batch["label"]).sum().item()
-        total += len(logits)
-    elapsed = time.perf_counter() - start
-    after = ds.stats
-    hits, misses = after.hits - before.hits, after.misses - before.misses
-    rate = hits / max(1, hits + misses)
-    print(
-        f"{name}: {elapsed:.2f} s, hits {hits}, misses {misses}, hit rate {rate:.0%}, "
-        f"loss {loss_sum / total:.3f}, accuracy {correct / total:.0%}",
-        flush=True,
-    )
-    return elapsed, rate
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="label<TAB>sentence lines (default: generated)")
@@ -193,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         model = BagOfTokens(tok.get_vocab_size(), 1 + max(label for _, label in rows))
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        run_epochs(ds, loader, model, opt, args.epochs, train_epoch)
+        run_epochs(
+            ds, loader, opt, args.epochs, lambda b: (model(b["input_ids"], b["attention_mask"]), b["label"])
+        )
         del loader  # stop the workers before the temporary folder goes away
         ds.flush()
         ds.merge()  # one consolidated file for the next run

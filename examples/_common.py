@@ -1,14 +1,55 @@
-"""What the examples share: the training epoch, the cold-then-warm loop and its summary."""
+"""What the examples share: class-per-folder file lists, the training epoch, the cold-then-warm loop."""
 
 from __future__ import annotations
 
+import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
+
+
+def add_training_args(ap: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
+    """The options every training example has: --epochs, --workers, --batch-size, --cache-dir."""
+    ap.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
+    ap.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per batch (default {batch_size})")
+    ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
+
+
+class ClassFolder(Dataset):
+    """{"path", "label"} per file of a class-per-subfolder tree (torchvision's ImageFolder layout).
+
+    Only the file list lives here; decoding is left to the cached transform.
+    """
+
+    def __init__(self, root: Path, suffixes: Collection[str]) -> None:
+        self.classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
+        self.samples = [
+            (str(f), label)
+            for label, name in enumerate(self.classes)
+            for f in sorted((Path(root) / name).iterdir())
+            if f.suffix.lower() in suffixes
+        ]
+        if not self.samples:
+            raise SystemExit(f"no {'/'.join(sorted(suffixes))} files in class subfolders of {root}")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        path, label = self.samples[i]
+        return {"path": path, "label": label}
+
 
 #: ``forward(batch) -> (logits, labels)``: the one part of an epoch that differs per example.
 Forward = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]

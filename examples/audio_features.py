@@ -22,14 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchaudio
-from _common import run_epochs  # examples/_common.py (the script's folder is on sys.path)
+from _common import (  # examples/_common.py (the script's folder is on sys.path)
+    AUDIO_SUFFIXES,
+    ClassFolder,
+    add_training_args,
+    run_epochs,
+)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from cachedata import CachedCollate, CachedDataset
 from cachedata.transforms import DecodeAudio
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 CLASSES = ("tone", "noise", "chord")
 
 
@@ -56,28 +60,6 @@ def make_audio_folder(root: Path, n: int) -> Path:
         suffix = ".flac" if i % 2 else ".wav"
         sf.write(folder / f"clip_{i:05d}{suffix}", wave.astype(np.float32), rate, subtype="PCM_16")
     return root
-
-
-class AudioFolder(Dataset):
-    """{"path", "label"} per file of a class-per-subfolder tree; decoding is left to the transform."""
-
-    def __init__(self, root: Path) -> None:
-        self.classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-        self.samples = [
-            (str(f), label)
-            for label, name in enumerate(self.classes)
-            for f in sorted((Path(root) / name).iterdir())
-            if f.suffix.lower() in AUDIO_SUFFIXES
-        ]
-        if not self.samples:
-            raise SystemExit(f"no audio files in class subfolders of {root}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        return {"path": path, "label": label}
 
 
 class LogMel:
@@ -137,10 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=None, help="class-per-subfolder audio files (default: generated)"
     )
     ap.add_argument("--items", type=int, default=120, help="files to generate without --data (default 120)")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
+    add_training_args(ap, epochs=2, batch_size=16)
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
@@ -149,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.data is None:
             print(f"writing {args.items} FLAC/WAV files ...", flush=True)
             args.data = make_audio_folder(tmp / "audio", args.items)
-        files = AudioFolder(args.data)
+        files = ClassFolder(args.data, AUDIO_SUFFIXES)
         ds = CachedDataset(
             files, args.cache_dir or tmp / "cache", transform=LogMel(16000, 40), post_transform=GainAndMask()
         )

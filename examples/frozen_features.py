@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from _common import run_epochs  # examples/_common.py (the script's folder is on sys.path)
+from _common import (  # examples/_common.py (the script's folder is on sys.path)
+    IMAGE_SUFFIXES,
+    ClassFolder,
+    add_training_args,
+    run_epochs,
+)
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -30,7 +35,6 @@ from torchvision.transforms import v2
 from cachedata import CachedDataset
 from cachedata.transforms import DecodeImage, Features
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -53,28 +57,6 @@ class GeneratedImages(Dataset):
         image = rng.normal(0, 0.5, (3, 224, 224)) + wave
         image[label % 3] += 1.0
         return {"image": torch.from_numpy(image.astype(np.float32)), "label": label}
-
-
-class ImageFiles(Dataset):
-    """(path, label) of an ImageFolder-style folder: decoded to 224x224 in the transform."""
-
-    def __init__(self, root: Path) -> None:
-        self.classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-        self.samples = [
-            (str(f), label)
-            for label, name in enumerate(self.classes)
-            for f in sorted((Path(root) / name).iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not self.samples:
-            raise SystemExit(f"no image files in class subfolders of {root}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        path, label = self.samples[i]
-        return {"path": path, "label": label}
 
 
 def frozen_resnet18(seed: int = 0) -> nn.Module:
@@ -118,14 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="ImageFolder-style folder (default: generated)")
     ap.add_argument("--items", type=int, default=64, help="inputs to generate without --data (default 64)")
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
+    add_training_args(ap, epochs=10, batch_size=16)
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
-    base = ImageFiles(args.data) if args.data else GeneratedImages(args.items)
+    base = ClassFolder(args.data, IMAGE_SUFFIXES) if args.data else GeneratedImages(args.items)
     with tempfile.TemporaryDirectory(prefix="cachedata-features-") as tmp:
         ds = CachedDataset(
             base,

@@ -19,15 +19,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import run_epochs  # examples/_common.py (the script's folder is on sys.path)
+from _common import (  # examples/_common.py (the script's folder is on sys.path)
+    IMAGE_SUFFIXES,
+    ClassFolder,
+    add_training_args,
+    run_epochs,
+)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from cachedata import CachedDataset
 from cachedata.transforms import DecodeImage
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
@@ -60,27 +64,6 @@ def make_image_folder(root: Path, n: int, *, classes: int = 4) -> Path:
     return root
 
 
-class ImageFolderFiles(Dataset):
-    """(path, label) pairs of an ImageFolder-style folder; decoding is left to the transform."""
-
-    def __init__(self, root: Path) -> None:
-        self.classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir())
-        self.samples = [
-            (str(f), label)
-            for label, name in enumerate(self.classes)
-            for f in sorted((Path(root) / name).iterdir())
-            if f.suffix.lower() in IMAGE_SUFFIXES
-        ]
-        if not self.samples:
-            raise SystemExit(f"no image files in class subfolders of {root}")
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        return self.samples[i]
-
-
 class Preprocess:
     """Deterministic, cached: decode -> resize -> float32 -> normalize."""
 
@@ -95,8 +78,7 @@ class Preprocess:
         )
 
     def __call__(self, sample):
-        path, label = sample
-        return self.resize_normalize(self.decode(path)), label
+        return self.resize_normalize(self.decode(sample["path"])), sample["label"]
 
 
 class Augment:
@@ -135,11 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="ImageFolder-style folder (default: generated)")
     ap.add_argument("--items", type=int, default=400, help="images to generate without --data (default 400)")
-    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--size", type=int, default=64, help="resize to SIZE x SIZE (default 64)")
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
+    add_training_args(ap, epochs=2, batch_size=32)
     return ap
 
 
@@ -156,7 +135,7 @@ def train(
     if data is None:
         print(f"writing {args.items} JPEG files ...", flush=True)
         data = make_image_folder(tmp / "images", args.items)
-    files = ImageFolderFiles(data)
+    files = ClassFolder(data, IMAGE_SUFFIXES)
     ds = CachedDataset(
         files,
         args.cache_dir or tmp / "cache",

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import run_epochs  # examples/_common.py (the script's folder is on sys.path)
+from _common import add_training_args, run_epochs  # examples/_common.py (the script's folder is on sys.path)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -137,11 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=None, help="label<TAB>sentence lines (default: generated)")
     ap.add_argument("--items", type=int, default=2000, help="sentences to generate without --data")
-    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
+    add_training_args(ap, epochs=2, batch_size=64)
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)

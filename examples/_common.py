@@ -18,7 +18,9 @@ def add_training_args(ap: argparse.ArgumentParser, *, epochs: int, batch_size: i
     """The options every training example has: --epochs, --workers, --batch-size, --cache-dir."""
     ap.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default {epochs})")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers (default 2)")
-    ap.add_argument("--batch-size", type=int, default=batch_size, help=f"samples per batch (default {batch_size})")
+    ap.add_argument(
+        "--batch-size", type=int, default=batch_size, help=f"samples per batch (default {batch_size})"
+    )
     ap.add_argument("--cache-dir", type=Path, default=None, help="cache folder (default: a temporary one)")
 
 

@@ -117,8 +117,9 @@ def _shard_names_and_merge_while_reading(
         mine = list(range(rank, n, world))
         ds.__getitems__(mine)
         ds.flush()
+        dist.barrier()  # both ranks have flushed: list only after, or rank 1's shard may not exist yet
         names = sorted(p.name for p in ds.path.glob("shard-*.h5"))
-        dist.barrier()
+        dist.barrier()  # ...and before rank 0 merges them away
         want = LogCalls(os.devnull)
         reads = wrong = 0
         if rank == 0:

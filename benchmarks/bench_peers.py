@@ -1188,7 +1188,7 @@ def notes_text(report: dict[str, Any]) -> str:
             "up, verifies a checksum, decodes into a fresh tensor and counts statistics, which the "
             "limit does not. Batches (`__getitems__`, the DataLoader path) amortize most of that. "
             "The cold pass is where it is weakest: every miss is encoded, checksummed, buffered "
-            "(up to 256 MB in the main process) and written, and the shards are then merged into one "
+            "(in the main process's memory until a shard is sealed) and written, and the shards are then merged into one "
             f"file, which copies the data once more (image: {img.get('merge_seconds', 0):.1f} s of "
             f"{img.get('seconds', 0):.1f} s). Cold image pass: {slower('image', 'cachedata')} the "
             f"uncached epoch, against {slower('image', 'npz')} for the hand-written npz loop and "

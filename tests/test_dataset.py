@@ -336,6 +336,35 @@ def test_merge_copies_in_batches_through_one_buffer_and_drops_a_corrupt_item(
     assert leftovers(tmp_path) == []
 
 
+class Big(torch.utils.data.Dataset):
+    """Items of 1 MiB each (float32), distinct per index."""
+
+    def __len__(self) -> int:
+        return 100
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.full((262144,), float(i))
+
+
+def test_a_long_cold_pass_publishes_bounded_shards_without_flush(tmp_path):
+    """The main process holds at most 64 MiB of unsealed items: a cold pass over 100 MiB of
+    misses seals shards along the way, so its memory stays bounded and other processes (here a
+    second reader) see the work before any flush."""
+    ds = CachedDataset(Big(), tmp_path)
+    other = CachedDataset(Big(), tmp_path)
+    seen = []
+    for i in range(100):
+        ds[i]
+        seen.append(other.num_cached)  # only what is sealed on disk
+    assert 0 < seen[80] < 100
+    assert max(b - a for a, b in zip([0, *seen], seen)) <= 64, "a shard holds at most 64 MiB of 1 MiB items"
+    ds.flush()
+    assert other.num_cached == 100
+    for i in (0, 63, 64, 99):
+        assert torch.equal(other[i], torch.full((262144,), float(i)))
+    assert other.stats.misses == 0
+
+
 def test_a_new_process_sees_every_item_as_a_hit(tmp_path):
     ds = CachedDataset(Ragged(15), tmp_path, transform=add_one)
     [ds[i] for i in range(15)]

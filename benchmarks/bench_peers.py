@@ -1113,7 +1113,8 @@ ragged items; `num_workers=2` uses persistent, forked workers) and the same `ds[
   is `torch.from_numpy(np.array(memmap[a:b]))` (one copy out of the page cache), the least
   any cache can do.
 - **cachedata**: `CachedDataset(source, cache_dir, transform=...)`; the cold pass is the first
-  epoch, then `merge()`; readers open the merged file.
+  epoch, then `merge()`; readers open the merged file (memory-mapped; each payload is copied out
+  and checked against its checksum).
 - **MONAI PersistentDataset**: `PersistentDataset(data=descriptors, transform=Compose([T]),
   cache_dir=...)`, where `T` is our transform as a `monai.transforms.Transform` subclass (MONAI
   treats a plain callable as random and would not cache it). One `torch.save` file per item,

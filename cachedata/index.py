@@ -16,8 +16,9 @@ from .storage import FileIndex, Reader
 class Index:
     """Rows of every loaded file, and which row serves each key."""
 
-    def __init__(self, *, nslots: int, dense_size: int | None) -> None:
+    def __init__(self, *, nslots: int, dense_size: int | None, map_files: bool = False) -> None:
         self.nslots = nslots
+        self.map_files = map_files  # memory-map uncompressed files (see storage.Reader)
         self.readers: list[Reader] = []
         self.names: dict[str, int] = {}
         self._n = 0
@@ -61,7 +62,7 @@ class Index:
     def add(self, fi: FileIndex, *, override: bool = False) -> None:
         """Add a file's rows; keys already served keep their row unless ``override``."""
         fid = len(self.readers)
-        self.readers.append(Reader(fi))
+        self.readers.append(Reader(fi, map_file=self.map_files))
         self.names[fi.path.name] = fid
         n = len(fi.keys)
         if not n:

@@ -84,6 +84,9 @@ class Store:
         self.fingerprint = fingerprint
         self.compression = compression
         self.dense_size = dense_size
+        # Local files are memory-mapped for reading; on a network filesystem another node may
+        # delete a file under a map (see storage.Reader), so those are read with preadv.
+        self.map_files = not shared_filesystem(path)
         self._reset()
 
     # -- process-local state --------------------------------------------------------------
@@ -109,7 +112,9 @@ class Store:
         self.shard_count = 0
 
     def __getstate__(self) -> dict:
-        return {k: getattr(self, k) for k in ("path", "fingerprint", "compression", "dense_size")}
+        return {
+            k: getattr(self, k) for k in ("path", "fingerprint", "compression", "dense_size", "map_files")
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -252,7 +257,9 @@ class Store:
                 self._schema_from_files(newest, shards)
                 if self.schema is None:
                     return False
-            self.index = Index(nslots=self.decoder.nslots, dense_size=self.dense_size)
+            self.index = Index(
+                nslots=self.decoder.nslots, dense_size=self.dense_size, map_files=self.map_files
+            )
             self._seen = set()
             self._merged = newest
             changed = True
@@ -339,20 +346,26 @@ class Store:
         preadv = os.preadv
         at = 0
         for i, (f, off, n, want, s, key) in enumerate(zip(files, offsets, sizes, sums, slots, keys)):
-            if arena is not None:
-                buf = arena[at : at + n]
-                at += n
-            else:
-                # Fresh and writable; large buffers skip the zero-fill of a bytearray.
-                buf = bytearray(n) if n < 65536 else np.empty(n, np.uint8)
             reader = readers[f]
             try:
                 if reader.pid != pid:
                     reader.open()
-                if reader.compressed:
-                    reader.read_into(memoryview(buf), off)
-                elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
-                    raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
+                view = reader.view
+                if view is not None and arena is None and n < 65536:
+                    # The common hit: one copy out of the map into a fresh writable buffer.
+                    buf = bytearray(view[off : off + n])
+                    if len(buf) != n:
+                        raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
+                else:
+                    if arena is not None:
+                        buf = arena[at : at + n]
+                        at += n
+                    else:  # large: np.empty skips the zero-fill of a bytearray
+                        buf = bytearray(n) if n < 65536 else np.empty(n, np.uint8)
+                    if view is not None or reader.compressed:
+                        reader.read_into(memoryview(buf), off)
+                    elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
+                        raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ESTALE):
                     # Merged away (or, on NFS, a stale handle) before this process opened

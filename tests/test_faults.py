@@ -83,6 +83,46 @@ def test_truncated_file_is_detected_and_recomputed(tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
+def _payload_at(path, key: int) -> tuple[int, int]:
+    """(file offset, size) of ``key``'s payload in a cache file."""
+    with h5py.File(path, "r") as f:
+        (row,) = [r for r in f["index"][:] if int(r["key"]) == key]
+        return f["data"].id.get_offset() + int(row["offset"]), int(row["size"])
+
+
+@pytest.mark.parametrize("shared_fs", ["0", "1"], ids=["mapped", "preadv"])
+def test_bytes_changed_or_cut_under_an_open_reader_are_caught(tmp_path, monkeypatch, caplog, shared_fs):
+    """Both read paths (a memory map on local disks, preadv on network filesystems) check every
+    payload: a byte changed in place under an open reader, and a file cut short under an index
+    already loaded, give recomputed items, never wrong ones."""
+    monkeypatch.setenv("CACHEDATA_SHARED_FS", shared_fs)
+    ds, want = _built(tmp_path)
+    (merged,) = ds.path.glob("merged-*.h5")
+    reader = CachedDataset(Ragged(12), tmp_path, transform=add_one)
+    for i in range(12):
+        assert_same(reader[i], want[i])
+    (opened,) = reader._store.index.readers
+    assert (opened.view is not None) == (shared_fs == "0"), "local files are mapped, shared ones are not"
+    at, size = _payload_at(merged, 5)
+    with open(merged, "r+b") as fh:  # in place: a map of the file sees it at once
+        fh.seek(at + size // 2)
+        byte = fh.read(1)[0]
+        fh.seek(at + size // 2)
+        fh.write(bytes([byte ^ 0x10]))
+    caplog.clear()
+    assert_same(reader[5], want[5])
+    assert_same(reader.__getitems__([4, 5, 6]), [want[4], want[5], want[6]])
+    assert reader.stats.misses == 1, "item 5 is recomputed once, then served from its new shard"
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+    late = CachedDataset(Ragged(12), tmp_path, transform=add_one)
+    assert late.num_cached == 12  # index loaded, files not opened yet
+    cut, _ = _payload_at(merged, 8)
+    os.truncate(merged, cut + 3)  # items from 8 on lie past the end now
+    assert_same(late.__getitems__(list(range(12))), want)
+    assert (late.stats.misses, late.stats.hits) == (5, 7)  # 5 (changed) and 8..11 (cut off)
+
+
 def test_missing_files_are_recomputed(tmp_path):
     ds, want = _built(tmp_path, merge=False)
     for f in [*ds.path.glob("shard-*.h5"), ds.path / "schema.json", ds.path / "meta.json"]:

@@ -36,7 +36,7 @@ import xxhash
 
 from . import schema as schema_mod
 from .index import Index
-from .storage import CorruptFile, FileIndex, checksum, read_index, write_file
+from .storage import MAP_BELOW, CorruptFile, FileIndex, checksum, read_index, write_file
 
 logger = logging.getLogger("cachedata")
 
@@ -351,18 +351,18 @@ class Store:
                 if reader.pid != pid:
                     reader.open()
                 view = reader.view
-                if view is not None and arena is None and n < 65536:
-                    # The common hit: one copy out of the map into a fresh writable buffer.
+                if view is not None and arena is None and n < MAP_BELOW:
+                    # The common small hit: one copy out of the map into a fresh writable buffer.
                     buf = bytearray(view[off : off + n])
                     if len(buf) != n:
                         raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
                 else:
-                    if arena is not None:
+                    if arena is not None:  # merge: read once, so preadv, not the map
                         buf = arena[at : at + n]
                         at += n
                     else:  # large: np.empty skips the zero-fill of a bytearray
-                        buf = bytearray(n) if n < 65536 else np.empty(n, np.uint8)
-                    if view is not None or reader.compressed:
+                        buf = bytearray(n) if n < MAP_BELOW else np.empty(n, np.uint8)
+                    if reader.compressed:
                         reader.read_into(memoryview(buf), off)
                     elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
                         raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")

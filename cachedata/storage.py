@@ -11,9 +11,9 @@ One file holds many items. Layout, readable with h5py alone::
 ``checksum`` is xxh3-64 of the payload seeded with the key XOR the xxh3-64 of the slots, so an
 index row that points at another item's bytes, or carries a flipped shape, fails the check. Files are written under a temporary name in the
 same folder and renamed into place once complete, so readers never see a torn file; a
-sealed file is never modified again. Uncompressed payloads are copied out of a read-only memory
-map at the dataset's file offset (``os.preadv`` on network filesystems): no HDF5 call, no lock
-and no system call on the hot path.
+sealed file is never modified again. Uncompressed payloads are read at the dataset's file
+offset: small ones copied out of a read-only memory map, large ones (and all on network
+filesystems) with ``os.preadv``. No HDF5 call and no lock on the hot path.
 """
 
 from __future__ import annotations
@@ -37,6 +37,10 @@ FORMAT_VERSION = 1
 _CHUNK_BYTES = 64 * 1024
 #: Copy block for streaming payloads into a file, in bytes.
 _COPY_BYTES = 8 * 1024 * 1024
+#: Payloads smaller than this many bytes are copied out of a file's memory map, where a system
+#: call would cost more than the copy; larger ones are read with preadv, which costs the same
+#: per byte and leaves the file's pages out of the process's RSS.
+MAP_BELOW = 64 * 1024
 
 
 def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[int] = ()) -> int:
@@ -301,8 +305,8 @@ def _text(value: object) -> str | None:
 class Reader:
     """Reads payload bytes of one file, opened lazily in the process that uses it.
 
-    Uncompressed files are memory-mapped read-only (``view``) and payloads are copied out of
-    the map: a copy costs a fraction of a ``preadv`` system call. Files on network
+    Uncompressed files are memory-mapped read-only (``view``) and small payloads are copied
+    out of the map: a copy costs a fraction of a ``preadv`` system call (see MAP_BELOW). Files on network
     filesystems are read with ``os.preadv`` instead (``map_file=False``): a map of a file that
     another node deletes can fault, where a read returns ESTALE. Compressed files go through
     h5py. All are reopened when the process id changes (after a fork). Holds only what
@@ -352,7 +356,7 @@ class Reader:
         if self._dset is not None:
             buf[:] = self._dset[offset : offset + n].data
             return
-        if self.view is not None:
+        if self.view is not None and n < MAP_BELOW:
             src = self.view[offset : offset + n]
             got = src.nbytes
             if got == n:

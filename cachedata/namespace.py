@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
+from . import buffers
 from . import schema as schema_mod
 from .index import Index
 from .storage import MAP_BELOW, CorruptFile, FileIndex, checksum, read_index, write_file
@@ -360,8 +361,8 @@ class Store:
                     if arena is not None:  # merge: read once, so preadv, not the map
                         buf = arena[at : at + n]
                         at += n
-                    else:  # large: np.empty skips the zero-fill of a bytearray
-                        buf = bytearray(n) if n < MAP_BELOW else np.empty(n, np.uint8)
+                    else:  # large: a recycled buffer, whose pages are already mapped
+                        buf = bytearray(n) if n < MAP_BELOW else buffers.take(n)
                     if reader.compressed:
                         reader.read_into(memoryview(buf), off)
                     elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
@@ -395,7 +396,7 @@ class Store:
         reader = idx.readers[idx.file[row]]
         n = int(idx.size[row])
         slot_row = idx.slots[row]
-        buf = np.empty(n, np.uint8)
+        buf = np.empty(n, np.uint8) if n < MAP_BELOW else buffers.take(n)
         try:
             if reader.pid != os.getpid():
                 reader.open()

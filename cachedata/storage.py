@@ -38,8 +38,8 @@ _CHUNK_BYTES = 64 * 1024
 #: Copy block for streaming payloads into a file, in bytes.
 _COPY_BYTES = 8 * 1024 * 1024
 #: Payloads smaller than this many bytes are copied out of a file's memory map, where a system
-#: call would cost more than the copy; larger ones are read with preadv, which costs the same
-#: per byte and leaves the file's pages out of the process's RSS.
+#: call would cost more than the copy; larger ones are read with preadv (into buffers.take's
+#: recycled buffers), which costs the same per byte and leaves the file's pages out of RSS.
 MAP_BELOW = 64 * 1024
 
 

@@ -32,7 +32,6 @@ _TORCH_DTYPES: dict[str, torch.dtype] = {
     if isinstance(d, torch.dtype) and not str(d).startswith(("torch.q", "torch.bits"))  # quantized: scales
 }
 _DTYPE_NAMES: dict[torch.dtype, str] = {d: name for name, d in _TORCH_DTYPES.items()}
-_EMPTY = np.empty(0, np.uint8)
 #: numpy dtype kinds stored as raw bytes; object (O) and void/structured (V) are refused.
 _NUMPY_KINDS = frozenset("biufcmMSU")
 #: PIL modes that survive ``Image.fromarray(np.asarray(img), mode)`` unchanged.
@@ -194,21 +193,21 @@ def _flatten_seq(x: list, kind: str, slots: list[int], chunks: list) -> dict:
 
 def _flatten_tensor(x: torch.Tensor, path: tuple, slots: list[int], chunks: list) -> dict:
     # Fast path (most items): a plain, contiguous CPU tensor needs no conversion at all.
-    if (
-        type(x) is torch.Tensor
-        and not x.requires_grad
-        and x.layout is torch.strided
-        and x.device.type == "cpu"
-        and x.is_contiguous()
-        and not x.is_conj()
-        and not x.is_neg()
-    ):
+    # numpy() itself refuses everything that would (grad, another device, the conj/neg bits,
+    # sparse, nested or quantized tensors, dtypes numpy lacks): one call instead of a check each.
+    if type(x) is torch.Tensor:
         name = _DTYPE_NAMES.get(x.dtype)
         if name is not None:
-            slots.extend(x.shape)
-            raw = x.view(-1).view(torch.uint8).numpy() if x.numel() else _EMPTY
-            chunks.append((memoryview(raw), 16 if x.element_size() >= 16 else _ALIGN))
-            return {"t": "tensor", "dtype": name, "ndim": x.dim()}
+            try:
+                arr = x.numpy()
+            except (RuntimeError, TypeError):
+                arr = None
+            if arr is not None and arr.flags.c_contiguous:
+                slots.extend(arr.shape)
+                chunks.append(
+                    (memoryview(arr.reshape(-1).view(np.uint8)), 16 if arr.itemsize >= 16 else _ALIGN)
+                )
+                return {"t": "tensor", "dtype": name, "ndim": arr.ndim}
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
         name = _type_name(x)
         if name not in _warned_subclass:

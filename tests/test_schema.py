@@ -45,11 +45,33 @@ def test_nan_negative_zero_and_special_floats():
         assert_same(roundtrip(x), x)
 
 
-def test_noncontiguous_and_conjugate_tensors_store_their_values():
-    t = torch.arange(12.0).reshape(3, 4).t()
-    assert torch.equal(roundtrip(t), t)
-    c = torch.randn(3, dtype=torch.complex64).conj()
-    assert torch.equal(roundtrip(c), c.resolve_conj())
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.arange(12.0).reshape(3, 4).t(),
+        lambda: torch.randn(3, dtype=torch.complex64).conj(),
+        lambda: torch._neg_view(torch.randn(4)),
+        lambda: torch.randn(2, 3, requires_grad=True) * 2,
+        lambda: torch.nn.Parameter(torch.randn(3)),
+        lambda: torch.arange(10.0)[3:7],
+        lambda: torch.arange(10.0)[::2],
+        lambda: torch.arange(6.0).reshape(2, 3)[:, :1],
+        lambda: torch.randn(4).to_sparse(),
+        lambda: torch.randn(3, 1).expand(3, 4),
+    ],
+    ids="transposed conj neg grad parameter offset strided column sparse expanded".split(),
+)
+def test_tensors_that_need_converting_store_their_values(make):
+    """A view, a conj or neg bit, grad or a sparse layout: stored as the dense values."""
+    t = make()
+    want = t.detach().resolve_conj().resolve_neg()
+    if want.layout == torch.sparse_coo:
+        with pytest.raises(TypeError, match=r"cannot store a torch\.sparse_coo"):
+            schema.encode(t)
+        return
+    got = roundtrip(t)
+    assert type(got) is torch.Tensor and got.is_contiguous() and not got.requires_grad
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ import numpy as np
 #: Bytes of buffers one process keeps track of (in use by the caller or idle). Idle ones
 #: are what the pool costs in memory; 64 MiB holds a batch of 64 float32 3x224x224 images.
 POOL_BYTES = 64 * 1024 * 1024
+#: Requests of fewer bytes than this are left to the heap, which reuses small blocks itself.
+MIN_BYTES = 64 * 1024
 #: Buffers looked at per request before a fresh one is allocated: the oldest handed out
 #: come first, and a loop that holds the previous item or batch leaves them in use.
 _SCAN = 4
@@ -113,6 +115,16 @@ def take(n: int) -> np.ndarray:
         # A fork's child: the parent's buffers are copy-on-write pages here; start afresh.
         _pool = _Pool()
     return _pool.take(n)
+
+
+def copy(data: bytes | bytearray | memoryview) -> bytearray | np.ndarray:
+    """A writable copy of ``data`` (bytes-like, format "B"): recycled when large."""
+    n = len(data)
+    if n < MIN_BYTES:
+        return bytearray(data)
+    out = take(n)
+    memoryview(out)[:] = data
+    return out
 
 
 def stats() -> PoolStats:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 
+from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
 from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
@@ -307,7 +308,7 @@ class CachedDataset(Dataset):
                     hit_pos.append(p)
                     hit_rows.append(r)
                 elif (enc := store.buffered(keys[p])) is not None:
-                    out[p] = store.decoder.decode(bytearray(enc.payload), 0, enc.slots)
+                    out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
                     nbytes += len(enc.payload)
                 else:
                     missing.append(p)
@@ -375,7 +376,7 @@ class CachedDataset(Dataset):
                     "and dtypes (items already cached are kept)"
                 )
             store.put(keys[p], enc, ident)
-            out[p] = store.decoder.decode(bytearray(enc.payload), 0, enc.slots)
+            out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
         return elapsed
 
     def _compute_one(self, base_index: int, index: int) -> Any:

@@ -362,7 +362,7 @@ class Store:
                         buf = arena[at : at + n]
                         at += n
                     else:  # large: a recycled buffer, whose pages are already mapped
-                        buf = bytearray(n) if n < MAP_BELOW else buffers.take(n)
+                        buf = bytearray(n) if n < buffers.MIN_BYTES else buffers.take(n)
                     if reader.compressed:
                         reader.read_into(memoryview(buf), off)
                     elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
@@ -396,7 +396,7 @@ class Store:
         reader = idx.readers[idx.file[row]]
         n = int(idx.size[row])
         slot_row = idx.slots[row]
-        buf = np.empty(n, np.uint8) if n < MAP_BELOW else buffers.take(n)
+        buf = np.empty(n, np.uint8) if n < buffers.MIN_BYTES else buffers.take(n)
         try:
             if reader.pid != os.getpid():
                 reader.open()

@@ -66,6 +66,17 @@ def test_a_buffer_that_anything_still_references_is_never_handed_out(hold):
     assert (np.asarray(held) == 7).all()
 
 
+@pytest.mark.parametrize("n", [0, 100, buffers.MIN_BYTES - 1, buffers.MIN_BYTES, N])
+def test_copy_is_an_independent_writable_copy(n):
+    src = bytearray(np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes())
+    out = buffers.copy(src)
+    assert len(out) == n and bytes(out) == bytes(src)
+    assert isinstance(out, bytearray) == (n < buffers.MIN_BYTES)
+    if n:
+        out[0] ^= 0xFF
+        assert out[0] != src[0]
+
+
 def test_the_pool_keeps_track_of_at_most_pool_bytes():
     big = 8 * 1024 * 1024
     held = [buffers.take(big) for _ in range(2 * buffers.POOL_BYTES // big)]
@@ -164,3 +175,18 @@ def test_a_loop_that_holds_the_previous_item_recycles_the_one_before(tmp_path):
         assert torch.equal(x, want[i]), f"item {i}"
     after = buffers.stats()
     assert after.fresh - before.fresh <= 2 and after.reused - before.reused >= len(ds) - 2
+
+
+def test_cold_misses_hand_out_recycled_copies_that_stay_intact_while_held(tmp_path):
+    """A miss returns a decoded copy of what it buffers for writing; large copies come from
+    the pool too, and the ones still held are never handed out again."""
+    ds = CachedDataset(Images(), tmp_path)
+    want = [Images()[i] for i in range(len(ds))]
+    before = buffers.stats()
+    kept = [ds[i] for i in range(0, len(ds), 2)]  # held: never recycled
+    for i in range(1, len(ds), 2):
+        assert torch.equal(ds[i], want[i]), f"item {i}"  # dropped at once: recycled
+    after = buffers.stats()
+    assert after.reused - before.reused >= len(ds) // 2 - 2
+    for i, x in zip(range(0, len(ds), 2), kept):
+        assert torch.equal(x, want[i]), f"item {i}"

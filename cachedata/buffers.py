@@ -117,12 +117,17 @@ def take(n: int) -> np.ndarray:
     return _pool.take(n)
 
 
+def empty(n: int) -> bytearray | np.ndarray:
+    """A writable buffer of ``n`` bytes for a payload: from the pool when large (undefined
+    contents), a zeroed bytearray from the heap when small."""
+    return bytearray(n) if n < MIN_BYTES else take(n)
+
+
 def copy(data: bytes | bytearray | memoryview) -> bytearray | np.ndarray:
     """A writable copy of ``data`` (bytes-like, format "B"): recycled when large."""
-    n = len(data)
-    if n < MIN_BYTES:
+    if len(data) < MIN_BYTES:
         return bytearray(data)
-    out = take(n)
+    out = take(len(data))
     memoryview(out)[:] = data
     return out
 

@@ -323,7 +323,7 @@ class Store:
 
     def read(
         self, rows: list[int], keys: list[int], *, arena: np.ndarray | None = None
-    ) -> list[tuple[np.ndarray, list[int]] | None]:
+    ) -> list[tuple[bytearray | np.ndarray, list[int]] | None]:
         """Payload buffers and slots for index rows; None where the checksum fails.
 
         The checksum is ``storage.checksum`` inlined: this loop is the hot path of every hit.
@@ -332,7 +332,7 @@ class Store:
         because fresh large buffers cost a page fault per 4 KiB on every batch.
         """
         idx = self.index
-        out: list[tuple[np.ndarray, list[int]] | None] = []
+        out: list[tuple[bytearray | np.ndarray, list[int]] | None] = []
         files = idx.file[rows].tolist()
         offsets = idx.offset[rows].tolist()
         sizes = idx.size[rows].tolist()
@@ -361,8 +361,8 @@ class Store:
                     if arena is not None:  # merge: read once, so preadv, not the map
                         buf = arena[at : at + n]
                         at += n
-                    else:  # large: a recycled buffer, whose pages are already mapped
-                        buf = bytearray(n) if n < buffers.MIN_BYTES else buffers.take(n)
+                    else:  # large (or a network filesystem): see buffers.empty
+                        buf = buffers.empty(n)
                     if reader.compressed:
                         reader.read_into(memoryview(buf), off)
                     elif n and preadv(reader.fd, [buf], reader.data_offset + off) != n:
@@ -390,13 +390,13 @@ class Store:
             out.append((buf, s))
         return out
 
-    def read_one(self, row: int, key: int) -> tuple[np.ndarray, list[int]] | None:
+    def read_one(self, row: int, key: int) -> tuple[bytearray | np.ndarray, list[int]] | None:
         """``read`` for a single row, without the batch's vectorized column gathering."""
         idx = self.index
         reader = idx.readers[idx.file[row]]
         n = int(idx.size[row])
         slot_row = idx.slots[row]
-        buf = np.empty(n, np.uint8) if n < buffers.MIN_BYTES else buffers.take(n)
+        buf = buffers.empty(n)
         try:
             if reader.pid != os.getpid():
                 reader.open()

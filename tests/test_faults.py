@@ -196,7 +196,10 @@ def test_worker_killed_by_sigkill_mid_epoch(tmp_path):
     code = KILLED_LOADER.format(here=HERE, cache=str(tmp_path))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=160)
     assert out.returncode != 0
-    assert "killed by signal" in out.stderr or "exited unexpectedly" in out.stderr, out.stderr[-2000:]
+    # DataLoader reports the dead worker; when the kill lands while the worker is handing a
+    # batch's shared memory over, the report is the reset connection instead (seen 1 in 6).
+    reports = ("killed by signal", "exited unexpectedly", "ConnectionResetError")
+    assert any(r in out.stderr for r in reports), out.stderr[-2000:]
     stored = CachedDataset(Ragged(60), tmp_path, transform=kill_on_item_30)
     kept = stored.num_cached
     assert 0 < kept < 60

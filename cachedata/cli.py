@@ -35,12 +35,13 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import fileset
 from . import schema as schema_mod
 from ._version import __version__
 from .dataset import default_cache_dir
 from .fingerprint import _diff_trees
-from .namespace import _MERGED_RE, _SHARD_RE, Identity, Store
-from .storage import CorruptFile, FileIndex, Reader, checksum, read_index
+from .namespace import Identity, Store
+from .storage import FORMAT_VERSION, CorruptFile, FileIndex, Reader, checksum, read_index
 
 logger = logging.getLogger("cachedata")
 
@@ -49,7 +50,6 @@ SHORT_FP = 12
 #: Payload bytes read at once by ``verify`` (several small items per read).
 _VERIFY_SPAN_BYTES = 8 * 1024 * 1024
 #: A merge.lock younger than this (seconds) marks a namespace as being merged right now.
-_LOCK_FRESH_SECONDS = 3600.0
 #: Bad keys listed per file in the table output of ``verify`` (--json lists them all).
 _MAX_LISTED_KEYS = 50
 
@@ -190,6 +190,7 @@ class NamespaceInfo:
     last_used: float
     last_used_from: str  # "last_used" (its mtime) or "files" (the newest file's mtime)
     merging: bool  # a fresh merge.lock is present
+    format: int | None = None  # meta.json's cachedata_format (None when unknown)
     tree: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -214,7 +215,7 @@ def is_namespace(path: Path) -> bool:
         if (path / "meta.json").is_file() or (path / "schema.json").is_file():
             return True
         with os.scandir(path) as it:
-            return any(_SHARD_RE.match(e.name) or _MERGED_RE.match(e.name) for e in it)
+            return any(fileset.is_data_file(e.name) for e in it)
     except OSError:
         return False
 
@@ -251,28 +252,17 @@ def read_meta(path: Path) -> dict:
 
 
 def list_cache_files(path: Path) -> tuple[list[str], list[str]]:
-    """(merged file names, shard file names) in a namespace folder, each sorted.
+    """(merged file names by generation, shard file names) in a namespace folder.
 
     Symbolic links are left out, as readers ignore them (see ``linked_cache_files``).
     """
-    merged, shards = [], []
-    with os.scandir(path) as it:
-        for e in it:
-            if e.is_symlink():
-                continue
-            if _MERGED_RE.match(e.name):
-                merged.append(e.name)
-            elif _SHARD_RE.match(e.name):
-                shards.append(e.name)
-    return sorted(merged), sorted(shards)
+    listing = fileset.list_files(path)
+    return [f.name for f in listing.runs], [f.name for f in listing.shards]
 
 
 def linked_cache_files(path: Path) -> list[str]:
     """Names of symbolic links in a namespace folder named like cache files (never created by cachedata)."""
-    with os.scandir(path) as it:
-        return sorted(
-            e.name for e in it if e.is_symlink() and (_MERGED_RE.match(e.name) or _SHARD_RE.match(e.name))
-        )
+    return list(fileset.list_files(path).links)
 
 
 def _file_stats(path: Path) -> tuple[int, float | None, float | None]:
@@ -301,26 +291,14 @@ def _last_used(path: Path, newest_file: float | None) -> tuple[float, str]:
 
 
 def _merging(path: Path) -> bool:
-    try:
-        return time.time() - (path / "merge.lock").stat().st_mtime < _LOCK_FRESH_SECONDS
-    except OSError:
-        return False
-
-
-def _dense_size(meta: dict) -> int | None:
-    """The dataset length for index-keyed namespaces (the index's dense key range), else None."""
-    n = meta.get("dataset", {}).get("len") if isinstance(meta.get("dataset"), dict) else None
-    if meta.get("key") == "index" and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-        return n
-    return None
+    return fileset.locked(path)
 
 
 def count_items(path: Path, meta: dict) -> int:
     """Distinct items a reader gets from the namespace's files (unreadable files count 0)."""
-    store = Store(path, path.name, compression=None, dense_size=_dense_size(meta))
+    store = Store(path, path.name, compression=None)
     try:
-        store.refresh()
-        return store.index.count if store.index is not None else 0
+        return store.count()
     finally:
         store.close()
 
@@ -353,6 +331,7 @@ def inspect_namespace(path: Path, *, items: bool = True) -> NamespaceInfo:
         last_used=last_used,
         last_used_from=source,
         merging=_merging(path),
+        format=meta.get("cachedata_format") if isinstance(meta.get("cachedata_format"), int) else None,
         tree=meta.get("tree") if isinstance(meta.get("tree"), dict) else {},
     )
 
@@ -501,7 +480,7 @@ def count_rows(path: Path) -> int:
     for name in merged + shards:
         try:
             with h5py.File(path / name, "r", locking=False) as f:
-                total += int(f["index"].shape[0])
+                total += int(f["index/key"].shape[0])
         except Exception:  # h5py raises many types for a damaged file; verify reports it
             continue
     return total
@@ -580,8 +559,9 @@ def _compression_of(path: Path, names: list[str]) -> str | None:
     return None
 
 
-def merge_namespace(path: Path, *, wait: float, progress: bool) -> MergeResult:
-    """Merge the shards of one namespace with Store.merge (under merge.lock, reader-safe)."""
+def merge_namespace(path: Path, *, wait: float, progress: bool, full: bool = False) -> MergeResult:
+    """Merge the shards of one namespace with Store.consolidate (under merge.lock, reader-safe);
+    ``full`` rewrites every file into one."""
     merged, shards = list_cache_files(path)
     before = len(merged) + len(shards)
 
@@ -591,19 +571,13 @@ def merge_namespace(path: Path, *, wait: float, progress: bool) -> MergeResult:
                            dropped, m_after[-1] if m_after else None, message)  # fmt: skip
 
     meta = read_meta(path)
-    if not shards and len(merged) <= 1:
+    if not shards and (len(merged) <= 1 or not full):
         return result("nothing", count_items(path, meta), message="no shards to merge")
-    store = Store(
-        path,
-        path.name,
-        compression=_compression_of(path, list(reversed(merged)) + shards),
-        dense_size=_dense_size(meta),
-    )
+    store = Store(path, path.name, compression=_compression_of(path, list(reversed(merged)) + shards))
     try:
-        store.refresh()
-        count = store.index.count if store.index is not None else 0
-        done = store.merge(Identity(0, None, os.getpid()), wait=wait, progress=progress)
-        after = store.index.count if store.index is not None else 0
+        count = store.count()
+        done = store.consolidate(Identity(0, None, os.getpid()), wait=wait, full=full, progress=progress)
+        after = store.count()
     finally:
         store.close()
     if done:
@@ -765,6 +739,14 @@ def _info_details(info: NamespaceInfo, diff: Difference | None, now: float) -> s
         f"  items:      {info.items}   files: {info.merged_files} merged, {info.shard_files} shards"
         f"   size: {format_size(info.bytes)} ({info.bytes} bytes)"
         + ("   (merging now)" if info.merging else ""),
+        *(
+            [
+                f"  format:     {info.format}: written by another cachedata version and never read by "
+                f"this one (format {FORMAT_VERSION}); `cachedata clear --namespace {info.short}` removes it"
+            ]
+            if info.format is not None and info.format != FORMAT_VERSION
+            else []
+        ),
         f"  dataset:    {info.dataset_type} (len {info.dataset_len}), key {info.key}, version {info.version!r}",
         f"  transform:  {info.transform_repr}",
         f"  versions:   {_versions_text(info.versions)}",
@@ -875,7 +857,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = _resolve_path(args)
     targets = _targets(args, path)
     progress = _progress_enabled(args.progress)
-    results = [merge_namespace(p, wait=args.wait, progress=progress) for p in targets]
+    results = [merge_namespace(p, wait=args.wait, progress=progress, full=args.full) for p in targets]
     if args.json:
         _print_json({"path": str(path), "namespaces": [asdict(r) for r in results]})
     elif not results:
@@ -1131,6 +1113,8 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
         if name == "merge":
             sub.add_argument("--wait", type=_duration_arg, default=60.0, metavar="DURATION",
                              help="how long to wait for another process's merge.lock (default: 60s)")  # fmt: skip
+            sub.add_argument("--full", action="store_true",
+                             help="rewrite every file into one (default: merge the shards, keep big old files)")  # fmt: skip
         if name == "clear":
             sub.add_argument("--yes", "-y", action="store_true", help="delete without asking")
         if name == "prune":

@@ -20,8 +20,9 @@ from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
 from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
-from .namespace import MAX_SHARDS, Identity, ReadOnly, Store
+from .namespace import Identity, ReadOnly, Store
 from .stats import CacheStats, Counters
+from .storage import FORMAT_VERSION
 
 logger = logging.getLogger("cachedata")
 
@@ -84,7 +85,7 @@ class CachedDataset(Dataset):
         transform_fp, transform_tree = _fingerprint_part(transform, "transform", fallback=version is not None)
         self.fingerprint: str = fingerprint(
             {
-                "cachedata_format": 1,
+                "cachedata_format": FORMAT_VERSION,
                 "dataset": dataset_fp,
                 "transform": transform_fp,
                 "version": version,
@@ -92,12 +93,7 @@ class CachedDataset(Dataset):
             }
         )
         self.path: Path = self.cache_dir / self.fingerprint
-        self._store = Store(
-            self.path,
-            self.fingerprint,
-            compression=compression,
-            dense_size=self._base_len if key is None else None,
-        )
+        self._store = Store(self.path, self.fingerprint, compression=compression)
         self._counters = Counters()
         self._rank = _current_rank()
         self._main_pid = os.getpid()
@@ -115,12 +111,11 @@ class CachedDataset(Dataset):
     # -- Dataset protocol -------------------------------------------------------------------
 
     def __len__(self) -> int:
-        if os.getpid() == self._main_pid and get_worker_info() is None:
-            # Samplers call len() at the start of every epoch: a cheap moment (one directory
-            # listing) for the main process to pick up its workers' shards and to merge a
-            # namespace that has become complete.
-            self._rank = _current_rank(default=self._rank)
-            self._housekeeping()
+        if get_worker_info() is None:
+            # Samplers call len() at the start of every epoch: a moment to start a background
+            # merge when one is due (at most one directory listing per CHECK_EVERY seconds;
+            # the merge itself runs on its own thread, so len() returns at once).
+            self._store.poke()
         return self._len
 
     def __getitem__(self, index: int) -> Any:
@@ -131,20 +126,18 @@ class CachedDataset(Dataset):
             i = index + n if index < 0 else index
             if 0 <= i < n:
                 key = int(self._indices[i]) if self._indices is not None else i
-                row = store.index.row(key)
-                if row >= 0:
-                    t0 = time.perf_counter()
-                    got = store.read_one(row, key)
-                    if got is not None:
-                        try:
-                            item = store.decoder.decode(got[0], 0, got[1])
-                        except (ValueError, RuntimeError) as exc:
-                            store.bad_item(key, exc)
-                        else:
-                            self._counters.add(self._row(), hits=1, bytes_read=len(got[0]),
-                                               read_seconds=time.perf_counter() - t0)  # fmt: skip
-                            store.touch()
-                            return self.post_transform(item) if self.post_transform is not None else item
+                t0 = time.perf_counter()
+                got = store.get_one(key)
+                if got is not None:
+                    try:
+                        item = store.decoder.decode(got[0], 0, got[1])
+                    except (ValueError, RuntimeError) as exc:
+                        store.bad_item(None, key, exc)
+                    else:
+                        self._counters.add(self._row(), hits=1, bytes_read=len(got[0]),
+                                           read_seconds=time.perf_counter() - t0)  # fmt: skip
+                        store.touch()
+                        return self.post_transform(item) if self.post_transform is not None else item
         return self._get([index], single=True)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -161,29 +154,28 @@ class CachedDataset(Dataset):
     @property
     def num_cached(self) -> int:
         """Items present on disk (or buffered by this process) and readable here."""
-        store = self._store
-        store.refresh()
-        on_disk = store.index.count if store.index is not None else 0
-        return on_disk + sum(1 for k in store.pending if store.lookup(k) < 0)
+        return self._store.count()
 
     def is_cached(self, index: int) -> bool:
         """True when item ``index`` would be served without computing it."""
         key = self._key_of(self._base_index(index))
         store = self._store
         store.check_pid()
-        if store.buffered(key) is not None or store.lookup(key) >= 0:
+        if store.buffered(key) is not None or store.find(key) is not None:
             return True
         store.refresh()
-        return store.lookup(key) >= 0
+        return store.find(key) is not None
 
     def flush(self) -> None:
         """Seal this process's buffered writes so that other processes can read them."""
         n, nbytes = self._store.seal(self._identity())
         self._count_writes(n, nbytes)
 
-    def merge(self) -> bool:
+    def merge(self, *, full: bool = False) -> bool:
         """Consolidate every shard into one merged file; True when a new file was written.
 
+        Older merged files stay as they are unless their size tier is full (so adding a few
+        items never rewrites the cache); ``full=True`` rewrites everything into one file.
         Collective under torch.distributed: every rank calls it, global rank 0 merges while
         the others wait, then every rank reads the merged file.
         """
@@ -192,7 +184,7 @@ class CachedDataset(Dataset):
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.barrier()  # every rank's shards are sealed before rank 0 looks
-        merged = self._store.merge(self._identity()) if _current_rank() == 0 else False
+        merged = self._store.consolidate(self._identity(), full=full) if _current_rank() == 0 else False
         if distributed:
             dist.barrier()  # nobody reads on until the merged file is in place
         self._store.refresh()
@@ -211,16 +203,10 @@ class CachedDataset(Dataset):
 
     def clear(self) -> None:
         """Delete this namespace from disk (every process's view of it becomes empty)."""
-        import shutil
-
-        self._store.buffer.clear()  # unsealed items belong to the namespace being deleted
-        self._store.close()
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._store = Store(
-            self.path, self.fingerprint, compression=self.compression, dense_size=self._store.dense_size
-        )
+        meta = self._store.meta()
+        self._store.destroy()
         try:
-            self._store.create(self._store.meta() or {"fingerprint": self.fingerprint})
+            self._store.create(meta or {"fingerprint": self.fingerprint})
         except ReadOnly:
             pass
 
@@ -301,29 +287,23 @@ class CachedDataset(Dataset):
             # merged) meanwhile.
             if attempt and not store.refresh():
                 break
-            missing, hit_pos, hit_rows = [], [], []
-            found = store.lookups([keys[p] for p in todo] if attempt else keys)
-            for p, r in zip(todo, found):
-                if r >= 0:
-                    hit_pos.append(p)
-                    hit_rows.append(r)
+            decode = store.decoder.decode if store.decoder is not None else None
+            got = store.get_many([keys[p] for p in todo])
+            missing = []
+            for p, g in zip(todo, got):
+                if g is not None:
+                    try:
+                        out[p] = decode(g[0], 0, g[1])
+                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
+                        store.bad_item(None, keys[p], exc)
+                        missing.append(p)
+                        continue
+                    nbytes += len(g[0])
                 elif (enc := store.buffered(keys[p])) is not None:
                     out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
                     nbytes += len(enc.payload)
                 else:
                     missing.append(p)
-            if hit_pos:
-                for p, got in zip(hit_pos, store.read(hit_rows, [keys[p] for p in hit_pos])):
-                    if got is None:
-                        missing.append(p)  # failed its checksum: recompute
-                        continue
-                    try:
-                        out[p] = store.decoder.decode(got[0], 0, got[1])
-                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
-                        store.bad_item(keys[p], exc)
-                        missing.append(p)
-                        continue
-                    nbytes += len(got[0])
             todo = missing
             if not todo:
                 break
@@ -410,44 +390,27 @@ class CachedDataset(Dataset):
             # next epoch (persistent workers never exit between epochs).
             n, nbytes = store.seal(self._identity())
             self._count_writes(n, nbytes)
-            if not in_worker:
-                self._housekeeping()
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:
             self._counters.add(self._row(), writes=n, bytes_written=nbytes)
 
-    def _housekeeping(self) -> None:
-        """Main process only: load new shards, and merge when complete or fragmented."""
-        if get_worker_info() is not None or os.getpid() != self._main_pid or _current_rank(default=0) != 0:
-            return
-        store = self._store
-        store.refresh()
-        if store.index is None or not store.writable:
-            return
-        if store.shard_count == 0:
-            return
-        if store.shard_count >= MAX_SHARDS or self._complete():
-            try:
-                store.merge(self._identity(), wait=0.0)
-            except OSError as exc:
-                store.disable_writes(exc)
-
     def _complete(self) -> bool:
-        store = self._store
-        if store.index is None or store.index.count < self._base_len:
-            return False
-        if self.key is None:
-            return True
+        """Every item of the base dataset is on disk (reads every key: construction only)."""
         if self._all_keys is None:
-            self._all_keys = np.asarray([self._key_of(i) for i in range(self._base_len)], np.int64)
-        return bool((store.index.rows(self._all_keys) >= 0).all())
+            n = self._base_len
+            self._all_keys = (
+                np.arange(n, dtype=np.int64)
+                if self.key is None
+                else np.asarray([self._key_of(i) for i in range(n)], np.int64)
+            )
+        return bool(self._store.contains(self._all_keys).all())
 
     def _read_only(self, exc: BaseException) -> None:
         self._store.writable = False
         store = self._store
         store.refresh()
-        complete = store.index is not None and self._complete()
+        complete = self._complete()
         if not complete:
             logger.warning(
                 "cachedata: %s is not writable (%s); missing items are computed but not stored",
@@ -459,7 +422,7 @@ class CachedDataset(Dataset):
         import h5py
 
         return {
-            "cachedata_format": 1,
+            "cachedata_format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "created": time.time(),
             "dataset": {"type": _qualname(self._base), "len": self._base_len, "fingerprint": dataset_fp},

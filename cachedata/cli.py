@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ from .dataset import default_cache_dir
 from .fingerprint import _diff_trees
 from .namespace import _MERGED_RE, _SHARD_RE, Identity, Store
 from .storage import CorruptFile, FileIndex, Reader, checksum, read_index
+from .units import format_size, parse_size
 
 logger = logging.getLogger("cachedata")
 
@@ -56,10 +56,6 @@ _MAX_LISTED_KEYS = 50
 
 # ============================================================================ sizes, durations
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-_SIZE_HELP = "a number with an optional unit B, K, M, G, T or P, e.g. 50G, 512M, 1.5T"
-
 _DURATION_TOKEN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
 _DURATION_UNITS: dict[str, int] = {}
 for _names, _seconds in (
@@ -71,35 +67,6 @@ for _names, _seconds in (
 ):
     _DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
 _DURATION_HELP = "a number with a unit s, m, h, d or w, e.g. 7d, 12h, 30m, 45s, 1d12h"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a human-readable size such as ``50G``, ``512M``, ``1.5T``, ``100KB`` or ``4096``.
-
-    K, M, G, T, P (also KiB, MiB, ...) are powers of 1024, as in ``du -h``; KB, MB, GB, ...
-    are powers of 1000. Raises ValueError naming the text and the expected form.
-    """
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}: expected {_SIZE_HELP}")
-    number, prefix, suffix = m.group(1), m.group(2).lower(), (m.group(3) or "").lower()
-    base = 1000 if suffix == "b" and prefix else 1024
-    value = float(number) * base ** _SIZE_POWERS[prefix]
-    if not math.isfinite(value):
-        raise ValueError(f"invalid size {text!r}: too large")
-    return round(value)
-
-
-def format_size(nbytes: int) -> str:
-    """``nbytes`` as ``1023B``, ``1.5K``, ``512M``, ``12G`` (powers of 1024, <= 5% rounding)."""
-    if nbytes < 1024:
-        return f"{int(nbytes)}B"
-    for power, unit in enumerate("KMGTP", start=1):
-        value = nbytes / 1024**power
-        text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-        if float(text) < 1024 or unit == "P":
-            return f"{text.removesuffix('.0')}{unit}"
-    raise AssertionError("unreachable")
 
 
 def parse_duration(text: str) -> float:

@@ -77,10 +77,19 @@ LEASE_REFRESH_SECONDS = 60.0
 #: since the last look would cross the budget. Other processes' writes within this window
 #: may take the folder over its budget until the next look.
 CHECK_SECONDS = 10.0
+#: Within this fraction of the budget, a process looks before every seal: near the budget,
+#: other processes' writes matter, and a look costs a scan of the folder (no file is read but
+#: leases). Concurrent writers can still overshoot by about one shard each.
+NEAR_FRACTION = 0.9
 #: How long (seconds) a lease taker waits for the folder's budget lock (at construction).
 LOCK_WAIT_SECONDS = 10.0
 #: How long (seconds) a process about to seal waits for it (it retries CHECK_SECONDS later).
 CHECK_LOCK_WAIT_SECONDS = 2.0
+
+#: A shard's file size beyond its payload: about 8.5 KiB of HDF5 structure plus 56 bytes of
+#: index per item (measured with h5py 3); rounded up so that estimates err on the safe side.
+SHARD_FIXED_BYTES = 9 * 1024
+SHARD_ITEM_BYTES = 64
 
 _LOCK_NAME = ".budget.lock"
 _LEASE_RE = re.compile(r"^lease-.+\.json$")
@@ -651,6 +660,11 @@ def sweep_evicted(cache_dir: str | os.PathLike) -> None:
 # ============================================================================ one dataset's side
 
 
+def shard_bytes(items: int, nbytes: int) -> int:
+    """Estimated file size of a shard of ``items`` items with ``nbytes`` payload bytes."""
+    return nbytes + SHARD_FIXED_BYTES + SHARD_ITEM_BYTES * items
+
+
 class Tracker:
     """One CachedDataset's link to its folder's budget: its lease, the rate-limited checks,
     and the stop when the namespaces in use alone exceed the budget.
@@ -697,12 +711,13 @@ class Tracker:
         evicting every namespace nobody uses.
 
         Due: at the first call in a process, every CHECK_SECONDS, and whenever the usage
-        seen at the last look plus this process's writes since plus ``room`` crosses it.
+        seen at the last look plus this process's writes since plus ``room`` comes within
+        NEAR_FRACTION of it.
         """
         now = time.monotonic()
         limit = self._limit
         if now - self._checked < CHECK_SECONDS and (
-            limit is None or self._usage + self._written + room <= limit
+            limit is None or self._usage + self._written + room <= NEAR_FRACTION * limit
         ):
             return True
         self._checked = now
@@ -720,9 +735,10 @@ class Tracker:
         self._in_use = got.in_use_bytes
         return got.bytes + room <= limit
 
-    def wrote(self, nbytes: int) -> None:
-        """Count bytes this process sealed, for the next ``check``."""
-        self._written += nbytes
+    def wrote(self, items: int, nbytes: int) -> None:
+        """Count a shard this process sealed (``items`` items, ``nbytes`` payload bytes)."""
+        if items:
+            self._written += shard_bytes(items, nbytes)
 
     def stopped(self) -> bool:
         """True when this run stopped storing because of the budget (in any of its processes)."""
@@ -743,9 +759,10 @@ class Tracker:
                 self._reopen(store)
             else:
                 self.recreate(store)
-        if self.check(room=store.buffer.nbytes):
+        room = shard_bytes(len(store.buffer.items), store.buffer.nbytes)
+        if self.check(room=room):
             return True
-        self.stop(store, room=store.buffer.nbytes)
+        self.stop(store, room=room)
         return False
 
     def stop(self, store: Store, *, room: int) -> None:

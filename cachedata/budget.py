@@ -73,14 +73,13 @@ SETTINGS_NAME = "cachedata-settings.json"
 LEASE_SECONDS = 6 * 3600.0
 #: The main process refreshes its lease at most this often (seconds).
 LEASE_REFRESH_SECONDS = 60.0
-#: A process looks at the whole folder at most this often (seconds), unless its own writes
-#: since the last look would cross the budget. Other processes' writes within this window
-#: may take the folder over its budget until the next look.
+#: A process looks at the whole folder (a scan of every namespace folder, reading only lease
+#: files) at most this often (seconds), unless the other namespaces' bytes at its last look
+#: plus its own namespace's bytes now (one folder listing before each seal, so that the
+#: run's DataLoader workers see each other's shards) plus the shard to write cross the
+#: budget. Other runs' writes within this window may take the folder over its budget until
+#: the next look; processes sealing at the same moment can each overshoot by one shard.
 CHECK_SECONDS = 10.0
-#: Within this fraction of the budget, a process looks before every seal: near the budget,
-#: other processes' writes matter, and a look costs a scan of the folder (no file is read but
-#: leases). Concurrent writers can still overshoot by about one shard each.
-NEAR_FRACTION = 0.9
 #: How long (seconds) a lease taker waits for the folder's budget lock (at construction).
 LOCK_WAIT_SECONDS = 10.0
 #: How long (seconds) a process about to seal waits for it (it retries CHECK_SECONDS later).
@@ -477,6 +476,17 @@ def _tree_bytes(path: str) -> int:
     return total
 
 
+def _folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files directly in one namespace folder, retired ones left out."""
+    total = 0
+    with contextlib.suppress(OSError), os.scandir(path) as it:
+        for e in it:
+            if not e.name.startswith("retired-"):
+                with contextlib.suppress(OSError):
+                    total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
 def namespace_usage(path: str | os.PathLike, *, now: float | None = None) -> NamespaceUsage | None:
     """Measure one folder; None when it is not a namespace (nothing cachedata wrote in it)."""
     path = Path(path)
@@ -685,7 +695,7 @@ class Tracker:
         self._checked = -math.inf  # monotonic time of the last full look
         self._limit: int | None = None
         self._usage = 0  # the folder's bytes at the last look
-        self._written = 0  # bytes this process sealed since
+        self._others = 0  # of those, bytes outside this namespace
         self._in_use = 0  # of _usage, bytes that could not be evicted
         self.message: str | None = None  # why this process stopped storing
 
@@ -710,35 +720,29 @@ class Tracker:
         """Enforce the budget when due; False when ``room`` more bytes do not fit even after
         evicting every namespace nobody uses.
 
-        Due: at the first call in a process, every CHECK_SECONDS, and whenever the usage
-        seen at the last look plus this process's writes since plus ``room`` comes within
-        NEAR_FRACTION of it.
+        Due: at the first call in a process, every CHECK_SECONDS, and whenever the other
+        namespaces' bytes at the last look plus this namespace's bytes now plus ``room``
+        cross the budget.
         """
         now = time.monotonic()
         limit = self._limit
-        if now - self._checked < CHECK_SECONDS and (
-            limit is None or self._usage + self._written + room <= NEAR_FRACTION * limit
-        ):
-            return True
+        if now - self._checked < CHECK_SECONDS:
+            if limit is None or self._others + _folder_bytes(self.path) + room <= limit:
+                return True
         self._checked = now
         self._limit = limit = self.limit.max_bytes
-        self._written = 0
         if limit is None:
             return True
         got = enforce(self.cache_dir, limit, room=room, keep=(str(self.path),), wait=CHECK_LOCK_WAIT_SECONDS)
         if not got.locked:
             # Nothing could be evicted (another process holds the lock, maybe for a while): let
             # this write happen and look again CHECK_SECONDS later, not before every seal.
-            self._usage = 0
+            self._others = -math.inf
             return True
         self._usage = got.bytes
+        self._others = got.bytes - _folder_bytes(self.path)
         self._in_use = got.in_use_bytes
         return got.bytes + room <= limit
-
-    def wrote(self, items: int, nbytes: int) -> None:
-        """Count a shard this process sealed (``items`` items, ``nbytes`` payload bytes)."""
-        if items:
-            self._written += shard_bytes(items, nbytes)
 
     def stopped(self) -> bool:
         """True when this run stopped storing because of the budget (in any of its processes)."""

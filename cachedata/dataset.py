@@ -193,7 +193,6 @@ class CachedDataset(Dataset):
             return
         n, nbytes = self._store.seal(self._identity())
         self._count_writes(n, nbytes)
-        self._budget.wrote(n, nbytes)
 
     def merge(self) -> bool:
         """Consolidate every shard into one merged file; True when a new file was written.

@@ -306,7 +306,9 @@ def test_dead_lease_holders_expire(tmp_path):
 def test_two_concurrent_jobs_never_evict_each_other(tmp_path):
     cache = tmp_path / "c"
     now = time.time()
-    olds = [build(cache, f"old{i}", last_used=now - (10 - i) * HOUR) for i in range(3)]
+    # "Last used" in the future: the jobs' own namespaces are older than these, so a job that
+    # ignored the other's lease would evict the other's namespace first.
+    olds = [build(cache, f"old{i}", last_used=now + (1 + i) * HOUR) for i in range(3)]
     s = max(size(p) for p in olds)
     limit = int(2.6 * s)  # both jobs' namespaces fit, with at most one old one beside them
     jobs = [

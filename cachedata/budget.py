@@ -749,7 +749,9 @@ class Tracker:
         return self.message is not None or self.lease.stopped_file.exists()
 
     def before_seal(self, store: Store) -> bool:
-        """Before this process seals its buffer: False (and writes stopped) when it would not fit."""
+        """Before this process seals its buffer (``flush()``, also before a merge): False (and
+        writes stopped) when it would not fit. The main process refreshes its lease here too."""
+        self.housekeeping(store)
         if not store.writable or not store.buffer.items:
             return True  # nothing to seal: Store.seal does nothing
         if self.message is None and self.lease.stopped_file.exists():

@@ -7,7 +7,8 @@ A budget caps the bytes of all namespaces under one ``cache_dir`` together. It c
 It is enforced at moments that already touch files, never on the read path: when a
 CachedDataset opens its namespace, before any process (DataLoader workers included) seals a
 shard, and after a merge. A process looks at the whole folder at most every CHECK_SECONDS,
-or sooner when its own writes since its last look would cross the budget. When the folder
+or sooner when its next shard would cross the budget (its own namespace is listed before
+every seal, so a run's DataLoader workers see each other's shards). When the folder
 is over budget, the least recently used namespaces (``last_used``'s mtime, else meta.json's)
 that no live process holds are removed, oldest first, one INFO line each. When what is left
 is still over (the namespaces in use alone exceed the budget), the run stops storing new
@@ -23,7 +24,7 @@ for LEASE_SECONDS after its last refresh.
 
 Concurrency: enforcers and lease takers serialize on ``<cache_dir>/.budget.lock`` (held for
 a folder scan and a few renames, never while deleting). An enforcer re-reads a namespace's
-leases right before it renames the folder out of the listing to ``.evicted-<ns>-<fp>``
+leases right before it renames the folder out of the listing to ``.evicted-<time>-<fp>``
 (atomic: a concurrent reader sees the whole namespace or none of it), then deletes it
 outside the lock through the same path as merges retire files (``namespace._retire``):
 locally the files are unlinked and open readers keep reading; on a network filesystem they

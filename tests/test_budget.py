@@ -514,3 +514,31 @@ def test_worker_copies_do_not_own_the_lease(tmp_path):
     del ds
     gc.collect()
     assert not lease.exists()
+
+
+def test_reads_never_look_at_the_folder_and_seals_look_at_most_every_few_seconds(tmp_path, monkeypatch):
+    calls = {"enforce": 0, "listing": 0}
+    real_enforce, real_folder = budget.enforce, budget._folder_bytes
+
+    def counting_enforce(*args, **kw):
+        calls["enforce"] += 1
+        return real_enforce(*args, **kw)
+
+    def counting_folder(path):
+        calls["listing"] += 1
+        return real_folder(path)
+
+    monkeypatch.setattr(budget, "enforce", counting_enforce)
+    monkeypatch.setattr(budget, "_folder_bytes", counting_folder)
+    ds = CachedDataset(Ragged(200), tmp_path, transform=add_one, max_bytes="10M")
+    assert calls["enforce"] == 1  # at construction
+    for lo in range(0, 200, 10):  # 20 seals well under the budget, within CHECK_SECONDS
+        ds.__getitems__(list(range(lo, lo + 10)))
+        ds.flush()
+    assert calls["enforce"] == 1 and calls["listing"] <= 21  # one listing of its own folder per seal
+    before = dict(calls)
+    for _epoch in range(3):  # hits only: the read path never scans or lists
+        for i in range(200):
+            ds[i]
+        ds.__getitems__(list(range(200)))
+    assert calls == before

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -35,6 +34,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import budget as budget_mod
 from . import fileset
 from . import schema as schema_mod
 from ._version import __version__
@@ -42,6 +42,7 @@ from .dataset import default_cache_dir
 from .fingerprint import _diff_trees
 from .namespace import Identity, Store
 from .storage import FORMAT_VERSION, CorruptFile, FileIndex, Reader, checksum, read_index
+from .units import format_size, parse_size
 
 logger = logging.getLogger("cachedata")
 
@@ -56,10 +57,6 @@ _MAX_LISTED_KEYS = 50
 
 # ============================================================================ sizes, durations
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-_SIZE_HELP = "a number with an optional unit B, K, M, G, T or P, e.g. 50G, 512M, 1.5T"
-
 _DURATION_TOKEN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
 _DURATION_UNITS: dict[str, int] = {}
 for _names, _seconds in (
@@ -71,35 +68,6 @@ for _names, _seconds in (
 ):
     _DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
 _DURATION_HELP = "a number with a unit s, m, h, d or w, e.g. 7d, 12h, 30m, 45s, 1d12h"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a human-readable size such as ``50G``, ``512M``, ``1.5T``, ``100KB`` or ``4096``.
-
-    K, M, G, T, P (also KiB, MiB, ...) are powers of 1024, as in ``du -h``; KB, MB, GB, ...
-    are powers of 1000. Raises ValueError naming the text and the expected form.
-    """
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}: expected {_SIZE_HELP}")
-    number, prefix, suffix = m.group(1), m.group(2).lower(), (m.group(3) or "").lower()
-    base = 1000 if suffix == "b" and prefix else 1024
-    value = float(number) * base ** _SIZE_POWERS[prefix]
-    if not math.isfinite(value):
-        raise ValueError(f"invalid size {text!r}: too large")
-    return round(value)
-
-
-def format_size(nbytes: int) -> str:
-    """``nbytes`` as ``1023B``, ``1.5K``, ``512M``, ``12G`` (powers of 1024, <= 5% rounding)."""
-    if nbytes < 1024:
-        return f"{int(nbytes)}B"
-    for power, unit in enumerate("KMGTP", start=1):
-        value = nbytes / 1024**power
-        text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-        if float(text) < 1024 or unit == "P":
-            return f"{text.removesuffix('.0')}{unit}"
-    raise AssertionError("unreachable")
 
 
 def parse_duration(text: str) -> float:
@@ -773,17 +741,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     others = [inspect_namespace(p, items=False) for p in find_namespaces(cache_dir) if p.name not in shown]
     pool = [*infos, *others]
     diffs = {i.fingerprint: nearest_sibling(i, pool) for i in infos}
+    usage, _ = _folder_usage(cache_dir)
+    in_use = {n.fingerprint: [str(h) for h in n.live_holders] for n in usage.namespaces}
     if args.json:
-        _print_json({"path": str(path), "namespaces": [_info_json(i, diffs[i.fingerprint]) for i in infos]})
+        found = [{**_info_json(i, diffs[i.fingerprint]), "in_use_by": in_use.get(i.fingerprint, [])}
+                 for i in infos]  # fmt: skip
+        _print_json({"path": str(path), "namespaces": found, "budget": _budget_json(usage)})
         return 0
     if not infos:
         print(f"no namespaces under {path}")
+        print("\n".join(_budget_lines(usage)))
         return 0
     header = ["FINGERPRINT", "ITEMS", "SIZE", "MERGED", "SHARDS", "DATASET", "TRANSFORM", "CREATED",
-              "LAST USED", "VERSIONS"]  # fmt: skip
-    print(render_table(header, _info_rows(infos, now), right=(1, 2, 3, 4)))
+              "LAST USED", "VERSIONS", "IN USE BY"]  # fmt: skip
+    rows = [
+        [*r, " ".join(in_use.get(i.fingerprint, [])) or "-"] for r, i in zip(_info_rows(infos, now), infos)
+    ]
+    print(render_table(header, rows, right=(1, 2, 3, 4)))
     total = sum(i.bytes for i in infos)
     print(f"\n{len(infos)} namespace(s), {format_size(total)} under {path}")
+    print("\n".join(_budget_lines(usage)))
     if args.verbose or args.namespace is not None:
         for info in infos:
             print()
@@ -971,6 +948,102 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+# ============================================================================ budget
+
+
+def _folder_usage(cache_dir: Path) -> tuple[budget_mod.Usage, str | None]:
+    """The folder's usage against the budget a process started from this shell would use
+    ($CACHEDATA_MAX_BYTES, else the folder's settings file), and a note when the variable is bad."""
+    try:
+        explicit, note = budget_mod.explicit_limit(None), None
+    except ValueError as exc:
+        explicit, note = None, f"ignoring it: {exc}"
+    return budget_mod.usage(cache_dir, explicit), note
+
+
+def _budget_json(u: budget_mod.Usage) -> dict:
+    return {
+        "cache_dir": u.cache_dir,
+        "max_bytes": u.limit.max_bytes,
+        "source": u.limit.source,
+        "bytes": u.bytes,
+        "over": u.over,
+        "in_use_bytes": u.in_use_bytes,
+        "pending_bytes": u.pending_bytes,
+        "namespaces": len(u.namespaces),
+        "in_use": {n.fingerprint: [str(h) for h in n.live_holders] for n in u.namespaces if n.in_use},
+    }
+
+
+def _budget_lines(u: budget_mod.Usage) -> list[str]:
+    """``budget: 50G (from ...); 12G used (24%); 2 namespace(s) in use (3.1G)``, and what waits."""
+    used = format_size(u.bytes)
+    if u.limit.max_bytes is None:
+        head = f"budget: none ({used} used; set one with `cachedata budget {u.cache_dir} SIZE`)"
+    else:
+        share = 100.0 * u.bytes / u.limit.max_bytes
+        head = f"budget: {u.limit}; {used} used ({share:.0f}%{', OVER' if u.over else ''})"
+    busy = [n for n in u.namespaces if n.in_use]
+    head += f"; {len(busy)} namespace(s) in use ({format_size(u.in_use_bytes)})"
+    lines = [head]
+    if u.pending_bytes:
+        lines.append(f"evicted, awaiting deletion: {format_size(u.pending_bytes)} (readers on other nodes)")
+    return lines
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    value = None
+    if args.size is not None and args.size.strip().lower() not in ("none", "off"):
+        value = _size_or_usage_error(args.size)
+    path = Path(args.path).expanduser()
+    if args.size is not None and not path.exists():
+        path.mkdir(parents=True)  # a budget may be set before the first run
+    path = _resolve_path(args)
+    cache_dir = path.parent if is_namespace(path) else path
+    if args.size is not None:
+        budget_mod.write_limit(cache_dir, value)
+    u, note = _folder_usage(cache_dir)
+    evicted: tuple[budget_mod.Eviction, ...] = ()
+    if args.enforce and u.limit.max_bytes is not None:
+        done = budget_mod.enforce(cache_dir, u.limit.max_bytes, keep=())
+        if not done.locked:
+            print(f"{args.parser.prog}: another process holds {cache_dir / '.budget.lock'}; "
+                  "nothing evicted, try again", file=sys.stderr)  # fmt: skip
+            return 1
+        evicted = done.evicted
+        u, note = _folder_usage(cache_dir)
+    try:
+        folder: int | str | None = budget_mod.folder_limit(cache_dir)
+    except ValueError as exc:
+        folder = f"unreadable: {exc}"
+    if args.json:
+        out = _budget_json(u)
+        out["folder_max_bytes"] = folder
+        out["evicted"] = [asdict(e) for e in evicted]
+        _print_json(out)
+    else:
+        for e in evicted:
+            print(
+                f"evicted {e.fingerprint[:SHORT_FP]}  {format_size(e.bytes)}  last used {_when(e.last_used)}"
+            )
+        print("\n".join(_budget_lines(u)))
+        if u.limit.source.startswith("$"):
+            print(f"the folder's own setting ({budget_mod.SETTINGS_NAME}): "
+                  f"{format_size(folder) if isinstance(folder, int) else folder or 'none'}; "
+                  f"${budget_mod.ENV_VAR} overrides it "
+                  "for processes started with it set")  # fmt: skip
+    if note:
+        print(f"{args.parser.prog}: ${budget_mod.ENV_VAR}: {note}", file=sys.stderr)
+    return 0
+
+
+def _size_or_usage_error(text: str) -> int:
+    try:
+        return budget_mod.parse_max_bytes(text, where="SIZE")
+    except ValueError as exc:
+        raise UsageError(f"{exc}; or 'none' to remove the budget") from None
+
+
 # ============================================================================ parser
 
 _EXIT_CODES = """\
@@ -1063,6 +1136,22 @@ removes the least recently used ones until the rest fits. Namespaces being merge
 now are kept. Does not ask for confirmation: try --dry-run first.
 """,
     ),
+    "budget": (
+        "show the folder's disk budget and usage, or set the budget",
+        """\
+example:
+  cachedata budget ~/.cache/cachedata
+  cachedata budget ~/.cache/cachedata 50G
+  cachedata budget ~/.cache/cachedata none
+  cachedata budget /data/cache 1.5T --enforce --json
+
+The budget is stored in the folder's cachedata-settings.json, which every process using
+the folder reads (CachedDataset(max_bytes=) and $CACHEDATA_MAX_BYTES override it).
+Training processes keep the folder under it themselves: when they create a namespace,
+seal or merge, they evict the least recently used namespaces that no live process uses.
+--enforce does that now. PATH is the cache folder (a namespace folder means its parent).
+""",
+    ),
 }
 
 
@@ -1099,12 +1188,13 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "info": cmd_info, "verify": cmd_verify, "merge": cmd_merge, "clear": cmd_clear, "prune": cmd_prune,
+        "budget": cmd_budget,
     }  # fmt: skip
     for name, (summary, epilog) in _COMMANDS.items():
         sub = subs.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                               epilog=epilog + "\n" + _EXIT_CODES, formatter_class=_Formatter)  # fmt: skip
         sub.set_defaults(func=handlers[name], parser=sub)
-        _add_common(sub, path_required=name == "clear", namespace=name != "prune")
+        _add_common(sub, path_required=name in ("clear", "budget"), namespace=name not in ("prune", "budget"))
         if name == "info":
             sub.add_argument("--verbose", "-v", action="store_true",
                              help="add details per namespace and why it differs from its nearest sibling")  # fmt: skip
@@ -1125,6 +1215,11 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
             sub.add_argument(
                 "--dry-run", action="store_true", help="show what would be removed, remove nothing"
             )
+        if name == "budget":
+            sub.add_argument("size", metavar="SIZE", nargs="?", default=None,
+                             help="set the budget, e.g. 50G, 512M, 1.5T; 'none' removes it (default: show it)")  # fmt: skip
+            sub.add_argument("--enforce", action="store_true",
+                             help="evict least recently used namespaces that nobody uses until the folder fits")  # fmt: skip
     return parser
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
+from .budget import Tracker, explicit_limit
 from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
 from .namespace import Identity, ReadOnly, Store
 from .stats import CacheStats, Counters
@@ -56,6 +57,7 @@ class CachedDataset(Dataset):
         version: str | None = None,
         compression: str | None = None,
         allow_random: bool = False,
+        max_bytes: int | str | None = None,
     ) -> None:
         _check_map_style(dataset)
         for name, fn in (("transform", transform), ("post_transform", post_transform), ("key", key)):
@@ -67,6 +69,7 @@ class CachedDataset(Dataset):
             raise ValueError(
                 f"CachedDataset: compression must be one of {_COMPRESSIONS}, got {compression!r}"
             )
+        limit = explicit_limit(max_bytes)  # max_bytes=, else $CACHEDATA_MAX_BYTES; raises on a bad value
         self.dataset = dataset
         self.transform = transform
         self.post_transform = post_transform
@@ -101,12 +104,17 @@ class CachedDataset(Dataset):
         self._warned_readonly = False
         meta = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
         is_new = not (self.path / "meta.json").exists()
+        # Disk budget: lease the namespace before creating its files (so that no other process
+        # evicts it from here on), then bring the folder under budget (see cachedata.budget).
+        self._budget = Tracker(self.cache_dir, self.path, explicit=limit)
+        self._budget.open(meta)
         try:
             self._store.create(meta)
         except ReadOnly as exc:
             self._read_only(exc)
         if is_new:
             _explain_new_namespace(self.cache_dir, meta)
+        self._budget.check()
 
     # -- Dataset protocol -------------------------------------------------------------------
 
@@ -116,6 +124,8 @@ class CachedDataset(Dataset):
             # merge when one is due (at most one directory listing per CHECK_EVERY seconds;
             # the merge itself runs on its own thread, so len() returns at once).
             self._store.poke()
+            if os.getpid() == self._main_pid:
+                self._budget.housekeeping(self._store)  # refresh the lease (rate-limited)
         return self._len
 
     def __getitem__(self, index: int) -> Any:
@@ -167,7 +177,12 @@ class CachedDataset(Dataset):
         return store.find(key) is not None
 
     def flush(self) -> None:
-        """Seal this process's buffered writes so that other processes can read them."""
+        """Seal this process's buffered writes so that other processes can read them.
+
+        Unless they do not fit the disk budget: then writes stop for the run (see over_budget).
+        """
+        if not self._budget.before_seal(self._store):
+            return
         n, nbytes = self._store.seal(self._identity())
         self._count_writes(n, nbytes)
 
@@ -188,6 +203,8 @@ class CachedDataset(Dataset):
         if distributed:
             dist.barrier()  # nobody reads on until the merged file is in place
         self._store.refresh()
+        if merged:
+            self._budget.check()
         return merged
 
     def warm(
@@ -205,15 +222,32 @@ class CachedDataset(Dataset):
         """Delete this namespace from disk (every process's view of it becomes empty)."""
         meta = self._store.meta()
         self._store.destroy()
+        self._budget.cleared()  # the lease went with the folder
         try:
             self._store.create(meta or {"fingerprint": self.fingerprint})
         except ReadOnly:
             pass
 
+    @property
+    def max_bytes(self) -> int | None:
+        """The disk budget of ``cache_dir`` in bytes (None: none): ``max_bytes=``, else
+        ``$CACHEDATA_MAX_BYTES`` as set at construction, else the folder's settings file now."""
+        return self._budget.limit.max_bytes
+
+    @property
+    def over_budget(self) -> bool:
+        """True when this run stopped storing new items because the namespaces in use alone
+        exceed the disk budget (in this process or one of its DataLoader workers). Items are
+        still computed and served; what is already stored is kept."""
+        return self._budget.stopped()
+
     def __repr__(self) -> str:
+        budget = ""
+        if self._budget.stopped():
+            budget = f", writes stopped: over the disk budget of {self._budget.limit}"
         return (
             f"CachedDataset({type(self.dataset).__name__}, len={self._len}, path={str(self.path)!r}, "
-            f"transform={self.transform!r})"
+            f"transform={self.transform!r}{budget})"
         )
 
     def __cachedata_fingerprint__(self) -> str:
@@ -388,8 +422,7 @@ class CachedDataset(Dataset):
         if (in_worker and not single) or store.should_seal(worker=in_worker):
             # A worker seals every batch: another worker may be asked for these items in the
             # next epoch (persistent workers never exit between epochs).
-            n, nbytes = store.seal(self._identity())
-            self._count_writes(n, nbytes)
+            self.flush()
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:

@@ -341,11 +341,16 @@ def alive(pid: int) -> bool:
 
 
 def acquire(folder: Path, *, wait: float) -> bool:
-    """Take the namespace's merge lock (an exclusively created file naming its owner).
+    """Take the namespace's merge lock: one merge at a time per namespace, across processes
+    and hosts. False on timeout."""
+    return acquire_lock(folder / LOCK_NAME, wait=wait)
 
-    One merge at a time per namespace, across processes and hosts. False on timeout.
+
+def acquire_lock(lock: Path, *, wait: float) -> bool:
+    """Take a lock file (exclusively created, naming its owner); a dead owner's lock is broken.
+
+    False when another live process still holds it after ``wait`` seconds.
     """
-    lock = folder / LOCK_NAME
     deadline = time.monotonic() + wait
     me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
     while True:
@@ -386,7 +391,11 @@ def locked(folder: Path) -> bool:
 
 def release(folder: Path) -> None:
     """Drop the merge lock if this process holds it."""
-    lock = folder / LOCK_NAME
+    release_lock(folder / LOCK_NAME)
+
+
+def release_lock(lock: Path) -> None:
+    """Remove a lock file if this process holds it."""
     try:
         owner = json.loads(lock.read_text())
         if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():

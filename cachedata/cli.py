@@ -38,7 +38,7 @@ import numpy as np
 from . import schema as schema_mod
 from ._version import __version__
 from .dataset import default_cache_dir
-from .fingerprint import _diff_trees
+from .fingerprint import diff_trees
 from .namespace import _MERGED_RE, _SHARD_RE, Identity, Store
 from .storage import CorruptFile, FileIndex, Reader, checksum, read_index
 
@@ -365,7 +365,7 @@ def nearest_sibling(info: NamespaceInfo, others: Sequence[NamespaceInfo]) -> Dif
             continue
         if info.dataset_type is None:
             continue
-        changes = tuple(_diff_trees(other.tree, info.tree))
+        changes = tuple(diff_trees(other.tree, info.tree))
         if best is None or len(changes) < len(best.changes):
             parts = tuple(
                 name

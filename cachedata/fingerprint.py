@@ -118,7 +118,14 @@ from .fingerprint_walker import (
     type_name,
 )
 
-__all__ = ["FingerprintTree", "diff_trees", "fingerprint", "fingerprint_tree", "register_fingerprint"]
+__all__ = [
+    "FingerprintTree",
+    "describe_change",
+    "diff_trees",
+    "fingerprint",
+    "fingerprint_tree",
+    "register_fingerprint",
+]
 
 
 def fingerprint(obj: object, *, root: str = "obj") -> str:

@@ -9,7 +9,7 @@ from ._version import __version__
 from .collate import CachedCollate
 from .dataset import CachedDataset
 from .device import DeviceLoader
-from .fingerprint import fingerprint
+from .fingerprint import diff_trees, fingerprint, fingerprint_tree, register_fingerprint
 from .stats import CacheStats
 
 __all__ = [
@@ -18,5 +18,8 @@ __all__ = [
     "CachedDataset",
     "DeviceLoader",
     "__version__",
+    "diff_trees",
     "fingerprint",
+    "fingerprint_tree",
+    "register_fingerprint",
 ]

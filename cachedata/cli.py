@@ -35,11 +35,11 @@ import h5py
 import numpy as np
 
 from . import budget as budget_mod
-from . import fileset
+from . import fileset, metadata
 from . import schema as schema_mod
 from ._version import __version__
 from .dataset import default_cache_dir
-from .fingerprint import _diff_trees
+from .fingerprint import diff_trees
 from .namespace import Identity, Store
 from .storage import FORMAT_VERSION, CorruptFile, FileIndex, Reader, checksum, read_index
 from .units import format_size, parse_size
@@ -195,6 +195,49 @@ def find_namespaces(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if not p.name.startswith(".") and is_namespace(p))
 
 
+@dataclass(frozen=True)
+class CacheFolder:
+    """A folder of namespaces (a cache_dir) found below the PATH given to ``info``."""
+
+    path: str
+    namespaces: int
+    bytes: int
+
+
+def find_cache_folders(path: Path) -> list[CacheFolder]:
+    """Subfolders of ``path`` that hold namespaces: ``path`` is then a folder of cache folders."""
+    found = []
+    try:
+        subs = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
+    for sub in subs:
+        try:
+            namespaces = find_namespaces(sub)
+        except OSError:
+            continue
+        if namespaces:
+            size = sum(inspect_namespace(p, items=False).bytes for p in namespaces)
+            found.append(CacheFolder(str(sub), len(namespaces), size))
+    return found
+
+
+def _no_namespaces_text(path: Path, folders: Sequence[CacheFolder]) -> str:
+    """What ``info`` says when PATH holds no namespace: the cache folders below it, or what it expected."""
+    if folders:
+        rows = [[f.path, str(f.namespaces), format_size(f.bytes)] for f in folders]
+        table = render_table(["CACHE FOLDER", "NAMESPACES", "SIZE"], rows, right=(1, 2))
+        return (
+            f"no namespaces directly under {path}; it holds {len(folders)} cache folder(s):\n{table}\n"
+            f"run `cachedata info FOLDER` on one of them"
+        )
+    return (
+        f"no namespaces under {path}: expected a cache_dir (the folder given to CachedDataset, holding "
+        "one folder per namespace named by its 64-hex fingerprint, with meta.json, schema.json and .h5 "
+        "files), one namespace folder, or a folder of cache_dirs"
+    )
+
+
 def select_namespace(namespaces: list[Path], prefix: str, where: Path) -> Path:
     """The namespace whose fingerprint starts with ``prefix``; UsageError if none or several."""
     hits = [p for p in namespaces if p.name.startswith(prefix)]
@@ -312,7 +355,7 @@ def nearest_sibling(info: NamespaceInfo, others: Sequence[NamespaceInfo]) -> Dif
             continue
         if info.dataset_type is None:
             continue
-        changes = tuple(_diff_trees(other.tree, info.tree))
+        changes = tuple(diff_trees(other.tree, info.tree))
         if best is None or len(changes) < len(best.changes):
             parts = tuple(
                 name
@@ -350,6 +393,7 @@ class VerifyResult:
     items: int  # index rows checked (an item in a shard and a merged file counts twice)
     vanished: int  # files merged away while verify ran (their items are in the new file)
     problems: tuple[Problem, ...]
+    repaired: tuple[str, ...] = ()  # damaged meta.json/schema.json and what was done about it
 
     @property
     def ok(self) -> bool:
@@ -462,6 +506,7 @@ def verify_namespace(path: Path, progress: Any) -> VerifyResult:
     too and added to the total; files merged away before they could be opened are counted
     as ``vanished``.
     """
+    repaired = tuple(str(r) for r in metadata.repair(path))  # schema.json first: it is checked below
     schema = _namespace_schema(path)
     done: set[str] = set()
     files = items = vanished = 0
@@ -494,7 +539,7 @@ def verify_namespace(path: Path, progress: Any) -> VerifyResult:
                     problems += found
     for name in linked_cache_files(path):
         problems.append(Problem(str(path / name), None, "a symbolic link: readers ignore it; delete it"))
-    return VerifyResult(path.name, str(path), files, items, vanished, tuple(problems))
+    return VerifyResult(path.name, str(path), files, items, vanished, tuple(problems), repaired)
 
 
 # ============================================================================ merge
@@ -743,13 +788,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     diffs = {i.fingerprint: nearest_sibling(i, pool) for i in infos}
     usage, _ = _folder_usage(cache_dir)
     in_use = {n.fingerprint: [str(h) for h in n.live_holders] for n in usage.namespaces}
+    folders = [] if infos else find_cache_folders(path)
     if args.json:
         found = [{**_info_json(i, diffs[i.fingerprint]), "in_use_by": in_use.get(i.fingerprint, [])}
                  for i in infos]  # fmt: skip
-        _print_json({"path": str(path), "namespaces": found, "budget": _budget_json(usage)})
+        out = {"path": str(path), "namespaces": found, "budget": _budget_json(usage)}
+        if not infos:
+            out["cache_folders"] = [asdict(f) for f in folders]
+        _print_json(out)
         return 0
     if not infos:
-        print(f"no namespaces under {path}")
+        print(_no_namespaces_text(path, folders))
         print("\n".join(_budget_lines(usage)))
         return 0
     header = ["FINGERPRINT", "ITEMS", "SIZE", "MERGED", "SHARDS", "DATASET", "TRANSFORM", "CREATED",
@@ -782,6 +831,7 @@ def _verify_text(results: Sequence[VerifyResult]) -> str:
     ]
     lines = [render_table(header, rows, right=(1, 2, 3))]
     for r in results:
+        lines += [f"\nrepaired {fix}" for fix in r.repaired]
         by_file: dict[str, list[Problem]] = {}
         for p in r.problems:
             by_file.setdefault(p.file, []).append(p)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,7 +19,8 @@ from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
 from .budget import Tracker, explicit_limit
-from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
+from .fingerprint import diff_trees, fingerprint, fingerprint_tree
+from .metadata import read_meta
 from .namespace import Identity, ReadOnly, Store
 from .stats import CacheStats, Counters
 from .storage import FORMAT_VERSION
@@ -102,7 +102,7 @@ class CachedDataset(Dataset):
         self._main_pid = os.getpid()
         self._all_keys: np.ndarray | None = None
         self._warned_readonly = False
-        meta = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
+        meta = self._meta_record = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
         is_new = not (self.path / "meta.json").exists()
         # Disk budget: lease the namespace before creating its files (so that no other process
         # evicts it from here on), then bring the folder under budget (see cachedata.budget).
@@ -220,13 +220,13 @@ class CachedDataset(Dataset):
 
     def clear(self) -> None:
         """Delete this namespace from disk (every process's view of it becomes empty)."""
-        meta = self._store.meta()
         self._store.destroy()
         self._budget.cleared()  # the lease went with the folder
+        self._all_keys = None
         try:
-            self._store.create(meta or {"fingerprint": self.fingerprint})
-        except ReadOnly:
-            pass
+            self._store.create(self._meta_record)  # what produced the namespace stays on record
+        except ReadOnly as exc:
+            self._read_only(exc)
 
     @property
     def max_bytes(self) -> int | None:
@@ -512,7 +512,7 @@ def _unwrap(dataset: Any) -> tuple[Any, np.ndarray | None]:
 def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict[str, str]]:
     """(digest, attribute-path tree) of the dataset or transform, or a type-based stand-in."""
     try:
-        return _fingerprint_tree(obj, root=what)
+        tree = fingerprint_tree(obj, root=what)
     except TypeError as exc:
         if not fallback:
             hint = (
@@ -527,44 +527,66 @@ def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict
         logger.info("cachedata: %s is named by its type and version= (%s)", what, exc)
         stand_in = {"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None}
         return fingerprint(stand_in), {what: f"{_qualname(obj)} (named by version=)"}
+    return tree.digest, tree.entries
+
+
+#: New namespaces already explained by this process (one WARNING each).
+_explained: set[str] = set()
 
 
 def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
-    """Log once why a new namespace was made beside existing ones of the same dataset type."""
+    """Say, once per process and at WARNING, why a cache starts cold beside older namespaces.
+
+    Compares the new namespace's fingerprint tree with each sibling's of the same dataset
+    type (their meta.json; damaged ones are skipped) and names the differing attribute
+    paths of the closest one in words.
+    """
+    if meta["fingerprint"] in _explained:
+        return
     try:
-        siblings = [p / "meta.json" for p in cache_dir.iterdir() if p.name != meta["fingerprint"]]
+        siblings = [p for p in cache_dir.iterdir() if p.name != meta["fingerprint"] and p.is_dir()]
     except OSError:
         return
-    best: tuple[int, dict] | None = None
-    for path in siblings:
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
+    best: tuple[int, dict, list[str]] | None = None
+    for folder in siblings:
+        other = read_meta(folder)
+        dataset = other.get("dataset")
+        if not isinstance(dataset, dict) or dataset.get("type") != meta["dataset"]["type"]:
             continue
-        if other.get("dataset", {}).get("type") != meta["dataset"]["type"]:
-            continue
-        lines = _diff_trees(other.get("tree", {}), meta["tree"])
+        tree = other.get("tree")
+        lines = diff_trees(tree if isinstance(tree, dict) else {}, meta["tree"])
         if best is None or len(lines) < best[0]:
-            best = (len(lines), {"other": other, "lines": lines})
+            best = (len(lines), other, lines)
     if best is None:
         return
-    other, lines = best[1]["other"], best[1]["lines"]
+    _, other, lines = best
+    _explained.add(meta["fingerprint"])
+
+    def part(name: str) -> Any:
+        value = other.get(name)
+        return value.get("fingerprint") if isinstance(value, dict) else None
+
     parts = [
         name
         for name, a, b in (
-            ("dataset", other.get("dataset", {}).get("fingerprint"), meta["dataset"]["fingerprint"]),
-            ("transform", other.get("transform", {}).get("fingerprint"), meta["transform"]["fingerprint"]),
+            ("dataset", part("dataset"), meta["dataset"]["fingerprint"]),
+            ("transform", part("transform"), meta["transform"]["fingerprint"]),
             ("version", other.get("version"), meta["version"]),
         )
         if a != b
     ]
     shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
-    logger.info(
-        "cachedata: new namespace %s differs from %s in %s: %s",
+    logger.warning(
+        "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
+        "Its items are computed again into %s. If that difference should not matter, leave it out of "
+        "the fingerprint (a __cachedata_fingerprint__ method, or cachedata.register_fingerprint for its "
+        "type) and pin the namespace by hand with version='...', bumped when outputs should change",
         meta["fingerprint"][:12],
+        meta["dataset"]["type"],
         str(other.get("fingerprint", "?"))[:12],
         ", ".join(parts) or "key mode",
         shown or "(no attribute-level difference recorded)",
+        cache_dir / meta["fingerprint"],
     )
 
 

@@ -218,7 +218,7 @@ def create_once(path: Path, text: str) -> None:
     A hard link of a complete temporary file is atomic and exclusive, also on NFS.
     """
     tmp = path.with_name(tmp_name(path.name))
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     try:
         os.link(tmp, path)
     finally:
@@ -229,7 +229,7 @@ def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (a temporary name, then ``os.replace``)."""
     tmp = path.with_name(tmp_name(path.name))
     try:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

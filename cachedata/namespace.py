@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import errno
-import json
 import logging
 import multiprocessing.util
 import os
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import buffers, compaction, fileset, storage
+from . import buffers, compaction, fileset, metadata, storage
 from . import schema as schema_mod
 from .index import Index, Segment
 from .storage import MAP_BELOW, CorruptFile, FileIndex, TransientError, checksum, read_index, write_file
@@ -123,11 +122,7 @@ class Store:
         """Create the folder and meta.json if missing; ReadOnly when that is impossible."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            if not (self.path / "meta.json").exists():
-                try:
-                    fileset.create_once(self.path / "meta.json", json.dumps(meta, indent=1, sort_keys=True))
-                except FileExistsError:
-                    pass  # another process (rank) created it a moment ago: same namespace
+            metadata.ensure_meta(self.path, meta)  # creates it, or repairs a damaged one
             if not os.access(self.path, os.W_OK):
                 raise PermissionError(f"no write permission on {self.path}")
             fileset.sweep(self.path)  # leftovers of killed writers
@@ -135,11 +130,7 @@ class Store:
             raise ReadOnly(str(exc)) from exc
 
     def meta(self) -> dict:
-        try:
-            meta = json.loads((self.path / "meta.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return meta if isinstance(meta, dict) else {}
+        return metadata.read_meta(self.path)
 
     def touch(self) -> None:
         """Record a use in ``last_used``'s mtime, at most once an hour per process."""
@@ -155,10 +146,8 @@ class Store:
     def _load_schema(self) -> bool:
         if self.schema is not None:
             return True
-        try:
-            text = (self.path / "schema.json").read_text()
-            self._set_schema(text)
-        except (OSError, ValueError):
+        text, _ = metadata.load_schema(self.path, self.fingerprint)  # repairs a damaged schema.json
+        if text is None:
             return False
         return True
 

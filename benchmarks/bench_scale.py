@@ -11,7 +11,10 @@ both sides alike. Cases:
 4. private memory per item of the shared index at 1M and 10M items (``key=None`` and
    ``key=str``), in a fresh process and in spawned workers, and the time to open it;
 5. warm items/s after 1,000+ batches were written by workers (background-merged), against
-   the same items in one merged file.
+   the same items in one merged file;
+6. warm items/s of ``Subset(CachedDataset(...))`` and ``SubsetRandomSampler`` (patterns that
+   never call ``len()`` on the dataset), each after its own cold epoch, against the direct
+   ``DataLoader(CachedDataset(...))``.
 
 Run from the repository root: ``.venv/bin/python benchmarks/bench_scale.py`` (about 10
 minutes on 2 CPUs), ``--quick`` for 1 GiB and 1M items (about 2 minutes).
@@ -64,8 +67,8 @@ class Small:
         return np.asarray([i], np.int64)
 
 
-def _first(batch):
-    return len(batch)
+def _as_list(batch):
+    return batch  # no collate work: the benchmark measures the cache
 
 
 def _files(path: Path) -> int:
@@ -85,7 +88,7 @@ def case_big_cache(root: Path, gib: float) -> dict[str, Any]:
 
     n = int(gib * 1024)
     ds = CachedDataset(Blobs(n), root / "big")
-    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=_first, shuffle=True,
+    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=_as_list, shuffle=True,
                         persistent_workers=True)  # fmt: skip
     t0 = time.perf_counter()
     _common.epoch(loader)
@@ -221,7 +224,7 @@ def _build_small(root: Path, n: int, mode: str) -> Path:
     write_file(
         ds.path / "merged-000900.h5", kind="merged", namespace=ds.fingerprint, schema=ds._store.schema_text,
         keys=keys, sizes=np.full(n, 8), checksums=sums, slots=np.ones((n, 1), np.int64),
-        payloads=(np.asarray([int(k_) for k_ in [i]], np.int64).view(np.uint8) for i in range(n)),
+        payloads=(payload for _ in range(n)),  # the items' values do not matter here
         compression=None,
     )  # fmt: skip
     for p in ds.path.glob("shard-*"):
@@ -251,17 +254,17 @@ def case_fragmented(root: Path, n: int) -> dict[str, Any]:
     from cachedata import CachedDataset
 
     ds = CachedDataset(Blobs(n, 4096), root / "frag")
-    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=_first)
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=_as_list)
     batches = sum(1 for _ in loader)
     files = _files(ds.path)
     fresh = CachedDataset(Blobs(n, 4096), root / "frag")
-    read = DataLoader(fresh, batch_size=64, num_workers=0, collate_fn=_first)
+    read = DataLoader(fresh, batch_size=64, num_workers=0, collate_fn=_as_list)
     merged_dir = root / "frag-merged"
     shutil.copytree(root / "frag", merged_dir)
     one = CachedDataset(Blobs(n, 4096), merged_dir)
     one.merge(full=True)
     one = CachedDataset(Blobs(n, 4096), merged_dir)
-    read_one = DataLoader(one, batch_size=64, num_workers=0, collate_fn=_first)
+    read_one = DataLoader(one, batch_size=64, num_workers=0, collate_fn=_as_list)
     _common.epoch(read), _common.epoch(read_one)
     times = _common.interleaved(
         {"written": lambda: _common.epoch(read), "merged": lambda: _common.epoch(read_one)}, 5
@@ -277,15 +280,56 @@ def case_fragmented(root: Path, n: int) -> dict[str, Any]:
     }
 
 
+def case_patterns(root: Path, n: int) -> dict[str, Any]:
+    """Warm items/s of the access patterns that never call len() on the CachedDataset, each
+    after its own cold epoch (2 workers, batches of 8), against the direct pattern."""
+    import numpy as np
+    from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
+
+    from cachedata import CachedDataset
+
+    idx = np.random.default_rng(0).permutation(n).tolist()
+
+    def loaders(ds, batch):
+        return {
+            "direct": DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=_as_list, shuffle=True),
+            "subset_outside": DataLoader(Subset(ds, idx), batch_size=batch, num_workers=2, collate_fn=_as_list),
+            "subset_sampler": DataLoader(ds, batch_size=batch, num_workers=2, collate_fn=_as_list,
+                                         sampler=SubsetRandomSampler(idx)),
+        }  # fmt: skip
+
+    files = {}
+    warm_loaders = {}
+    for name in ("direct", "subset_outside", "subset_sampler"):
+        ds = CachedDataset(Blobs(n, 16384), root / f"pattern-{name}")
+        _common.epoch(loaders(ds, 8)[name])  # cold: written in batches of 8, merged by the workers
+        files[name] = _files(ds.path)
+        warm_loaders[name] = loaders(CachedDataset(Blobs(n, 16384), root / f"pattern-{name}"), 64)[name]
+    for loader in warm_loaders.values():
+        _common.epoch(loader)
+    times = _common.interleaved({k: (lambda v=v: _common.epoch(v)) for k, v in warm_loaders.items()}, 3)
+    direct = times["direct"]
+    return {
+        "items": n,
+        "files": files,
+        "items_per_s": {k: n / _common.summary(v)["median"] for k, v in times.items()},
+        "vs_direct": {
+            k: _common.summary([d / t for d, t in zip(direct, v)])["median"] for k, v in times.items()
+        },
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 GiB and 1M index items (about 2 minutes)")
+    parser.add_argument("--tiny", action="store_true", help="minimal sizes: checks that the script runs")
     parser.add_argument("--gib", type=float, default=None, help="size of the big cache (default 10, quick 1)")
-    parser.add_argument("--cases", default="1,2,3,4,5")
+    parser.add_argument("--cases", default="1,2,3,4,5,6")
     parser.add_argument("--tmp", default=None, help="where caches go (needs about 2.5x --gib free)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
     args = parser.parse_args()
-    gib = args.gib or (1.0 if args.quick else 10.0)
+    gib = args.gib or (0.03 if args.tiny else 1.0 if args.quick else 10.0)
+    small = args.quick or args.tiny
     cases = {int(c) for c in args.cases.split(",")}
     root = _common.make_tmp(args.tmp, "scale")
     results: dict[str, Any] = {"machine": _common.machine(), "gib": gib}
@@ -295,17 +339,21 @@ def main() -> int:
             shutil.rmtree(root / "big", ignore_errors=True)
             print("big cache", results["big_cache"], flush=True)
         if 2 in cases:
-            results["growth"] = case_growth(root)
+            results["growth"] = case_growth(root, base_items=40 if args.tiny else 400)
             print("growth", results["growth"], flush=True)
         if 3 in cases:
             results["merge_vs_cp"] = case_merge_vs_cp(root, min(gib, 2.0))
             print("merge vs cp", results["merge_vs_cp"], flush=True)
         if 4 in cases:
-            results["index"] = case_index(root, [1_000_000] if args.quick else [1_000_000, 10_000_000])
+            sizes = [20_000] if args.tiny else [1_000_000] if args.quick else [1_000_000, 10_000_000]
+            results["index"] = case_index(root, sizes)
             print("index", results["index"], flush=True)
         if 5 in cases:
-            results["fragmented"] = case_fragmented(root, 8 * 1000 * 2 if not args.quick else 8 * 1000)
+            results["fragmented"] = case_fragmented(root, 800 if args.tiny else 8_000 if small else 16_000)
             print("fragmented", results["fragmented"], flush=True)
+        if 6 in cases:
+            results["patterns"] = case_patterns(root, 800 if args.tiny else 8_000 if small else 40_000)
+            print("patterns", results["patterns"], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     _common.write_json(args.out, results)
@@ -356,6 +404,15 @@ def render(r: dict[str, Any]) -> str:
                 f"{f['ratio']:.2f}x",
             )
         )
+    if "patterns" in r:
+        p = r["patterns"]
+        for k in ("subset_outside", "subset_sampler"):
+            rows.append(
+                (
+                    f"warm {k} vs direct ({p['files'][k]} vs {p['files']['direct']} files)",
+                    f"{p['vs_direct'][k]:.2f}x",
+                )
+            )
     width = max(len(a) for a, _ in rows) if rows else 10
     return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
 

@@ -572,9 +572,17 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
             ("dataset", part("dataset"), meta["dataset"]["fingerprint"]),
             ("transform", part("transform"), meta["transform"]["fingerprint"]),
             ("version", other.get("version"), meta["version"]),
+            ("key", other.get("key"), meta["key"]),
+            ("on-disk format", other.get("cachedata_format"), meta["cachedata_format"]),
         )
         if a != b
     ]
+    if other.get("cachedata_format") != meta["cachedata_format"]:
+        lines = [
+            f"on-disk format: {other.get('cachedata_format')} -> {meta['cachedata_format']} "
+            "(written by another cachedata version, never read by this one)",
+            *lines,
+        ]
     shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
     logger.warning(
         "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
@@ -584,7 +592,7 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
         meta["fingerprint"][:12],
         meta["dataset"]["type"],
         str(other.get("fingerprint", "?"))[:12],
-        ", ".join(parts) or "key mode",
+        ", ".join(parts) or "nothing recorded",
         shown or "(no attribute-level difference recorded)",
         cache_dir / meta["fingerprint"],
     )

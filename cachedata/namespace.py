@@ -149,6 +149,7 @@ class Store:
         text, _ = metadata.load_schema(self.path, self.fingerprint)  # repairs a damaged schema.json
         if text is None:
             return False
+        self._set_schema(text)
         return True
 
     def _set_schema(self, text: str) -> None:
@@ -307,7 +308,7 @@ class Store:
         for _ in range(len(idx.segments)):
             discards = idx.discards
             seg_of, rows = idx.find_many(np.asarray(keys, np.int64)[todo])
-            if len(idx.segments) == 1 or (seg_of == seg_of[0]).all():
+            if (seg_of == seg_of[0]).all():  # the common case: one file serves the whole batch
                 groups = [(int(seg_of[0]), np.arange(len(todo)))] if seg_of[0] >= 0 else []
             else:
                 groups = [(int(s), np.flatnonzero(seg_of == s)) for s in np.unique(seg_of) if s >= 0]

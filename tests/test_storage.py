@@ -197,3 +197,24 @@ def test_private_memory_per_item_of_two_readers(tmp_path):
             p.communicate("\n", timeout=60)
     assert all(b <= 8 for b in per_item), per_item
     assert psutil  # used above through the child processes
+
+
+@pytest.mark.parametrize("numel", [4, 40_000])  # copied out of the map, and read with preadv
+def test_a_batch_partly_in_the_only_loaded_file_reads_only_its_own_rows(tmp_path, caplog, numel):
+    """Keys absent from the one loaded file are misses, never row -1 of that file."""
+    import logging
+
+    import torch
+    from helpers import ListDataset
+
+    from cachedata import CachedDataset
+
+    items = [torch.full((numel,), float(i)) for i in range(10)]
+    ds = CachedDataset(ListDataset(items), tmp_path)
+    ds.__getitems__([0, 2, 4])
+    ds.flush()
+    caplog.clear()
+    got = ds.__getitems__([0, 1, 2, 3, 4])
+    assert all(torch.equal(g, items[i]) for i, g in zip(range(5), got))
+    assert ds.stats.hits == 3 and ds.stats.misses == 3 + 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

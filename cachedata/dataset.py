@@ -541,7 +541,8 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
     type (their meta.json; damaged ones are skipped) and names the differing attribute
     paths of the closest one in words.
     """
-    if meta["fingerprint"] in _explained:
+    where = str(cache_dir / meta["fingerprint"])
+    if where in _explained:
         return
     try:
         siblings = [p for p in cache_dir.iterdir() if p.name != meta["fingerprint"] and p.is_dir()]
@@ -560,7 +561,7 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
     if best is None:
         return
     _, other, lines = best
-    _explained.add(meta["fingerprint"])
+    _explained.add(where)
 
     def part(name: str) -> Any:
         value = other.get(name)

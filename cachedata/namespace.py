@@ -144,7 +144,7 @@ class Store:
             pass  # a read-only cache still serves reads
 
     def _load_schema(self) -> bool:
-        if self.schema is not None:
+        if self.schema is not None and self.decoder is not None:
             return True
         text, _ = metadata.load_schema(self.path, self.fingerprint)  # repairs a damaged schema.json
         if text is None:
@@ -153,9 +153,11 @@ class Store:
         return True
 
     def _set_schema(self, text: str) -> None:
-        self.schema = schema_mod.load(text)
-        self.schema_text = schema_mod.dumps(self.schema)
-        self.decoder = schema_mod.Decoder(self.schema)
+        schema = schema_mod.load(text)
+        decoder = schema_mod.Decoder(schema)
+        self.schema_text = schema_mod.dumps(schema)
+        self.decoder = decoder
+        self.schema = schema  # last: "is the schema known" is asked of this attribute
 
     def check_schema(self, enc: schema_mod.Encoded) -> str | None:
         """Fix the namespace schema with the first item, then describe any difference."""
@@ -605,6 +607,7 @@ def _seal_at_exit(buf: _Buffer) -> None:
     try:
         buf.write()
     except Exception as exc:  # exit paths must not raise
+        buf.clear()  # the process ends: a second exit hook must not try (and warn) again
         logger.warning(
             "cachedata: cannot write to %s (%s); %d items computed in this run are not stored",
             buf.store["path"],

@@ -146,7 +146,11 @@ def evicted(stderr: str) -> list[str]:
 
 
 def warnings(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("WARNING")]
+    """WARNING lines, less the one that explains a new namespace beside older ones (every
+    test here makes namespaces that differ by version=)."""
+    return [
+        line for line in stderr.splitlines() if line.startswith("WARNING") and "cache starts cold" not in line
+    ]
 
 
 def nothing_left_behind(cache: Path) -> None:
@@ -336,9 +340,10 @@ def test_two_concurrent_jobs_never_evict_each_other(tmp_path):
         Path(summary["path"]).exists() or Path(summary["path"]).name[:12] in jobs_gone
         for summary, _ in results
     )
-    # A final look with the same budget: the folder fits, with both jobs' namespaces.
+    # A final look with the same budget: the folder fits, keeping the jobs' namespaces.
     done = budget.enforce(cache, limit)
-    assert done.locked and done.evicted == () and done.bytes <= limit
+    assert done.locked and done.bytes <= limit
+    assert all(e.fingerprint[:12] in old_names for e in done.evicted), done  # what is left of the olds
     nothing_left_behind(cache)
 
 

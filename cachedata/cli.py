@@ -37,9 +37,9 @@ import numpy as np
 
 from . import schema as schema_mod
 from ._version import __version__
-from .dataset import default_cache_dir
 from .fingerprint import _diff_trees
 from .namespace import _MERGED_RE, _SHARD_RE, Identity, Store
+from .paths import default_cache_dir
 from .storage import CorruptFile, FileIndex, Reader, checksum, read_index
 
 logger = logging.getLogger("cachedata")

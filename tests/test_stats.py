@@ -1,0 +1,107 @@
+"""CacheStats per process: every transform call counted, and each rank's stats its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as tmp_mp
+from helpers import LogCalls, Ragged, count_calls, identity_batch
+from torch.utils.data import DataLoader
+
+from cachedata import CachedDataset
+from cachedata.stats import _FIELDS, _WORKER_ROWS, Counters, row_of
+
+
+def test_worker_rows_never_share_the_owners_row():
+    assert row_of(None) == 0
+    rows = {row_of(w) for w in range(4 * _WORKER_ROWS)}
+    assert 0 not in rows, "a worker writing the owner's row races with it and loses counts"
+    assert rows == set(range(1, _WORKER_ROWS + 1))
+    assert row_of(_WORKER_ROWS) == row_of(0)  # wraps among workers only
+
+
+def test_counters_add_every_field_to_its_own_column():
+    counters = Counters()
+    values = dict(zip(_FIELDS, (1, 2, 3, 4, 5, 0.5, 0.25)))
+    counters.add(**values)
+    counters.add(**values)
+    assert counters.snapshot().to_dict() == {
+        **{k: 2 * v for k, v in values.items()},
+        "hit_rate": 1 / 3,
+    }
+
+
+class LogThenDie(LogCalls):
+    """LogCalls, except that the process asked for ``die_on`` kills itself (before logging it)."""
+
+    def __init__(self, log: str, die_on: str) -> None:
+        super().__init__(log)
+        self.die_on = die_on
+
+    def __call__(self, item):
+        if item["name"] == self.die_on:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(item)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_worker_killed_mid_batch_has_counted_every_call_it_made(tmp_path, start_method):
+    """Misses are counted as they are computed, not at the end of the batch."""
+    log = tmp_path / "log"
+    ds = CachedDataset(Ragged(40), tmp_path / "c", transform=LogThenDie(str(log), die_on="item-29"))
+    loader = DataLoader(
+        ds, batch_size=8, num_workers=1, collate_fn=identity_batch, multiprocessing_context=start_method
+    )
+    with pytest.raises(RuntimeError, match="DataLoader worker"):
+        for _ in loader:
+            pass
+    calls = count_calls(log)
+    assert calls == 29  # items 0..28: the batch 24..31 died at its 6th item
+    assert ds.stats.misses == calls
+
+
+def _rank(rank: int, ds: CachedDataset, out: str, worker_start: str) -> None:
+    before = ds.stats
+    own = list(range(4 + 16 * rank, 4 + 16 * (rank + 1)))
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        sampler=[0, 1, 2, 3, *own],
+        num_workers=2,
+        collate_fn=identity_batch,
+        multiprocessing_context=worker_start,
+    )
+    for _ in loader:
+        pass
+    del loader
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"before": before.to_dict(), "after": ds.stats.to_dict()})
+    )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("rank_start", "worker_start"), [("spawn", "fork"), ("fork", "spawn")])
+def test_a_dataset_passed_to_spawned_ranks_shows_each_rank_its_own_stats(tmp_path, rank_start, worker_start):
+    """mp.spawn(fn, args=(ds,)) and Lightning's ddp_spawn: the parent's counter block stays its own."""
+    log = tmp_path / "log"
+    ds = CachedDataset(Ragged(36), tmp_path / "c", transform=LogCalls(log))
+    for i in range(4):
+        ds[i]
+    ds.flush()
+    tmp_mp.start_processes(
+        _rank, args=(ds, str(tmp_path), worker_start), nprocs=2, join=True, start_method=rank_start
+    )
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (got["before"]["hits"], got["before"]["misses"]) == (0, 0), "a rank starts from zero"
+        # Its 4 reads of the parent's items are hits and its own 16 items misses, counted
+        # by its DataLoader workers into the rank's block, not into the parent's.
+        assert (got["after"]["hits"], got["after"]["misses"]) == (4, 16), (rank, got)
+        assert got["after"]["writes"] == 16
+    assert (ds.stats.hits, ds.stats.misses) == (0, 4), "the ranks' counts stay out of the parent"
+    assert count_calls(log) == 4 + 2 * 16

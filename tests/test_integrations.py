@@ -45,7 +45,12 @@ LIGHTNING_ITEMS = 48
 @pytest.mark.timeout(450)
 @pytest.mark.parametrize(
     ("strategy", "devices", "build_in"),
-    [("auto", 1, "setup"), ("ddp_spawn", 2, "init"), ("ddp_spawn", 2, "setup")],
+    [
+        ("auto", 1, "setup"),
+        # about a minute each on 2 busy CPUs: mostly the two ranks importing Lightning
+        pytest.param("ddp_spawn", 2, "init", marks=pytest.mark.slow),
+        pytest.param("ddp_spawn", 2, "setup", marks=pytest.mark.slow),
+    ],
 )
 def test_lightning_datamodule(tmp_path, strategy, devices, build_in):
     log, report = tmp_path / "calls.log", tmp_path / "stats.json"

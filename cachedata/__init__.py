@@ -17,7 +17,7 @@ from ._version import __version__
 
 # Eager (torch-free): the submodule shares the function's name, and binding the function
 # after the submodule's import keeps ``cachedata.fingerprint`` the function.
-from .fingerprint import fingerprint
+from .fingerprint import diff_trees, fingerprint, fingerprint_tree, register_fingerprint
 
 if TYPE_CHECKING:
     from .collate import CachedCollate
@@ -31,7 +31,10 @@ __all__ = [
     "CachedDataset",
     "DeviceLoader",
     "__version__",
+    "diff_trees",
     "fingerprint",
+    "fingerprint_tree",
+    "register_fingerprint",
 ]
 
 #: Public name -> the submodule that defines it.

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -35,12 +34,15 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import budget as budget_mod
+from . import fileset, metadata
 from . import schema as schema_mod
 from ._version import __version__
-from .fingerprint import _diff_trees
-from .namespace import _MERGED_RE, _SHARD_RE, Identity, Store
+from .fingerprint import diff_trees
+from .namespace import Identity, Store
 from .paths import default_cache_dir
-from .storage import CorruptFile, FileIndex, Reader, checksum, read_index
+from .storage import FORMAT_VERSION, CorruptFile, FileIndex, Reader, checksum, read_index
+from .units import format_size, parse_size
 
 logger = logging.getLogger("cachedata")
 
@@ -49,16 +51,11 @@ SHORT_FP = 12
 #: Payload bytes read at once by ``verify`` (several small items per read).
 _VERIFY_SPAN_BYTES = 8 * 1024 * 1024
 #: A merge.lock younger than this (seconds) marks a namespace as being merged right now.
-_LOCK_FRESH_SECONDS = 3600.0
 #: Bad keys listed per file in the table output of ``verify`` (--json lists them all).
 _MAX_LISTED_KEYS = 50
 
 
 # ============================================================================ sizes, durations
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgtp]?)(i?b)?\s*$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-_SIZE_HELP = "a number with an optional unit B, K, M, G, T or P, e.g. 50G, 512M, 1.5T"
 
 _DURATION_TOKEN = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.IGNORECASE)
 _DURATION_UNITS: dict[str, int] = {}
@@ -71,35 +68,6 @@ for _names, _seconds in (
 ):
     _DURATION_UNITS.update(dict.fromkeys(_names, _seconds))
 _DURATION_HELP = "a number with a unit s, m, h, d or w, e.g. 7d, 12h, 30m, 45s, 1d12h"
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a human-readable size such as ``50G``, ``512M``, ``1.5T``, ``100KB`` or ``4096``.
-
-    K, M, G, T, P (also KiB, MiB, ...) are powers of 1024, as in ``du -h``; KB, MB, GB, ...
-    are powers of 1000. Raises ValueError naming the text and the expected form.
-    """
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise ValueError(f"invalid size {text!r}: expected {_SIZE_HELP}")
-    number, prefix, suffix = m.group(1), m.group(2).lower(), (m.group(3) or "").lower()
-    base = 1000 if suffix == "b" and prefix else 1024
-    value = float(number) * base ** _SIZE_POWERS[prefix]
-    if not math.isfinite(value):
-        raise ValueError(f"invalid size {text!r}: too large")
-    return round(value)
-
-
-def format_size(nbytes: int) -> str:
-    """``nbytes`` as ``1023B``, ``1.5K``, ``512M``, ``12G`` (powers of 1024, <= 5% rounding)."""
-    if nbytes < 1024:
-        return f"{int(nbytes)}B"
-    for power, unit in enumerate("KMGTP", start=1):
-        value = nbytes / 1024**power
-        text = f"{value:.1f}" if value < 9.95 else f"{value:.0f}"
-        if float(text) < 1024 or unit == "P":
-            return f"{text.removesuffix('.0')}{unit}"
-    raise AssertionError("unreachable")
 
 
 def parse_duration(text: str) -> float:
@@ -190,6 +158,7 @@ class NamespaceInfo:
     last_used: float
     last_used_from: str  # "last_used" (its mtime) or "files" (the newest file's mtime)
     merging: bool  # a fresh merge.lock is present
+    format: int | None = None  # meta.json's cachedata_format (None when unknown)
     tree: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -214,7 +183,7 @@ def is_namespace(path: Path) -> bool:
         if (path / "meta.json").is_file() or (path / "schema.json").is_file():
             return True
         with os.scandir(path) as it:
-            return any(_SHARD_RE.match(e.name) or _MERGED_RE.match(e.name) for e in it)
+            return any(fileset.is_data_file(e.name) for e in it)
     except OSError:
         return False
 
@@ -224,6 +193,49 @@ def find_namespaces(path: Path) -> list[Path]:
     if is_namespace(path):
         return [path]
     return sorted(p for p in path.iterdir() if not p.name.startswith(".") and is_namespace(p))
+
+
+@dataclass(frozen=True)
+class CacheFolder:
+    """A folder of namespaces (a cache_dir) found below the PATH given to ``info``."""
+
+    path: str
+    namespaces: int
+    bytes: int
+
+
+def find_cache_folders(path: Path) -> list[CacheFolder]:
+    """Subfolders of ``path`` that hold namespaces: ``path`` is then a folder of cache folders."""
+    found = []
+    try:
+        subs = sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
+    for sub in subs:
+        try:
+            namespaces = find_namespaces(sub)
+        except OSError:
+            continue
+        if namespaces:
+            size = sum(inspect_namespace(p, items=False).bytes for p in namespaces)
+            found.append(CacheFolder(str(sub), len(namespaces), size))
+    return found
+
+
+def _no_namespaces_text(path: Path, folders: Sequence[CacheFolder]) -> str:
+    """What ``info`` says when PATH holds no namespace: the cache folders below it, or what it expected."""
+    if folders:
+        rows = [[f.path, str(f.namespaces), format_size(f.bytes)] for f in folders]
+        table = render_table(["CACHE FOLDER", "NAMESPACES", "SIZE"], rows, right=(1, 2))
+        return (
+            f"no namespaces directly under {path}; it holds {len(folders)} cache folder(s):\n{table}\n"
+            f"run `cachedata info FOLDER` on one of them"
+        )
+    return (
+        f"no namespaces under {path}: expected a cache_dir (the folder given to CachedDataset, holding "
+        "one folder per namespace named by its 64-hex fingerprint, with meta.json, schema.json and .h5 "
+        "files), one namespace folder, or a folder of cache_dirs"
+    )
 
 
 def select_namespace(namespaces: list[Path], prefix: str, where: Path) -> Path:
@@ -251,28 +263,17 @@ def read_meta(path: Path) -> dict:
 
 
 def list_cache_files(path: Path) -> tuple[list[str], list[str]]:
-    """(merged file names, shard file names) in a namespace folder, each sorted.
+    """(merged file names by generation, shard file names) in a namespace folder.
 
     Symbolic links are left out, as readers ignore them (see ``linked_cache_files``).
     """
-    merged, shards = [], []
-    with os.scandir(path) as it:
-        for e in it:
-            if e.is_symlink():
-                continue
-            if _MERGED_RE.match(e.name):
-                merged.append(e.name)
-            elif _SHARD_RE.match(e.name):
-                shards.append(e.name)
-    return sorted(merged), sorted(shards)
+    listing = fileset.list_files(path)
+    return [f.name for f in listing.runs], [f.name for f in listing.shards]
 
 
 def linked_cache_files(path: Path) -> list[str]:
     """Names of symbolic links in a namespace folder named like cache files (never created by cachedata)."""
-    with os.scandir(path) as it:
-        return sorted(
-            e.name for e in it if e.is_symlink() and (_MERGED_RE.match(e.name) or _SHARD_RE.match(e.name))
-        )
+    return list(fileset.list_files(path).links)
 
 
 def _file_stats(path: Path) -> tuple[int, float | None, float | None]:
@@ -301,26 +302,14 @@ def _last_used(path: Path, newest_file: float | None) -> tuple[float, str]:
 
 
 def _merging(path: Path) -> bool:
-    try:
-        return time.time() - (path / "merge.lock").stat().st_mtime < _LOCK_FRESH_SECONDS
-    except OSError:
-        return False
-
-
-def _dense_size(meta: dict) -> int | None:
-    """The dataset length for index-keyed namespaces (the index's dense key range), else None."""
-    n = meta.get("dataset", {}).get("len") if isinstance(meta.get("dataset"), dict) else None
-    if meta.get("key") == "index" and isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-        return n
-    return None
+    return fileset.locked(path)
 
 
 def count_items(path: Path, meta: dict) -> int:
     """Distinct items a reader gets from the namespace's files (unreadable files count 0)."""
-    store = Store(path, path.name, compression=None, dense_size=_dense_size(meta))
+    store = Store(path, path.name, compression=None)
     try:
-        store.refresh()
-        return store.index.count if store.index is not None else 0
+        return store.count()
     finally:
         store.close()
 
@@ -353,6 +342,7 @@ def inspect_namespace(path: Path, *, items: bool = True) -> NamespaceInfo:
         last_used=last_used,
         last_used_from=source,
         merging=_merging(path),
+        format=meta.get("cachedata_format") if isinstance(meta.get("cachedata_format"), int) else None,
         tree=meta.get("tree") if isinstance(meta.get("tree"), dict) else {},
     )
 
@@ -365,7 +355,7 @@ def nearest_sibling(info: NamespaceInfo, others: Sequence[NamespaceInfo]) -> Dif
             continue
         if info.dataset_type is None:
             continue
-        changes = tuple(_diff_trees(other.tree, info.tree))
+        changes = tuple(diff_trees(other.tree, info.tree))
         if best is None or len(changes) < len(best.changes):
             parts = tuple(
                 name
@@ -403,6 +393,7 @@ class VerifyResult:
     items: int  # index rows checked (an item in a shard and a merged file counts twice)
     vanished: int  # files merged away while verify ran (their items are in the new file)
     problems: tuple[Problem, ...]
+    repaired: tuple[str, ...] = ()  # damaged meta.json/schema.json and what was done about it
 
     @property
     def ok(self) -> bool:
@@ -501,7 +492,7 @@ def count_rows(path: Path) -> int:
     for name in merged + shards:
         try:
             with h5py.File(path / name, "r", locking=False) as f:
-                total += int(f["index"].shape[0])
+                total += int(f["index/key"].shape[0])
         except Exception:  # h5py raises many types for a damaged file; verify reports it
             continue
     return total
@@ -515,6 +506,7 @@ def verify_namespace(path: Path, progress: Any) -> VerifyResult:
     too and added to the total; files merged away before they could be opened are counted
     as ``vanished``.
     """
+    repaired = tuple(str(r) for r in metadata.repair(path))  # schema.json first: it is checked below
     schema = _namespace_schema(path)
     done: set[str] = set()
     files = items = vanished = 0
@@ -547,7 +539,7 @@ def verify_namespace(path: Path, progress: Any) -> VerifyResult:
                     problems += found
     for name in linked_cache_files(path):
         problems.append(Problem(str(path / name), None, "a symbolic link: readers ignore it; delete it"))
-    return VerifyResult(path.name, str(path), files, items, vanished, tuple(problems))
+    return VerifyResult(path.name, str(path), files, items, vanished, tuple(problems), repaired)
 
 
 # ============================================================================ merge
@@ -580,8 +572,9 @@ def _compression_of(path: Path, names: list[str]) -> str | None:
     return None
 
 
-def merge_namespace(path: Path, *, wait: float, progress: bool) -> MergeResult:
-    """Merge the shards of one namespace with Store.merge (under merge.lock, reader-safe)."""
+def merge_namespace(path: Path, *, wait: float, progress: bool, full: bool = False) -> MergeResult:
+    """Merge the shards of one namespace with Store.consolidate (under merge.lock, reader-safe);
+    ``full`` rewrites every file into one."""
     merged, shards = list_cache_files(path)
     before = len(merged) + len(shards)
 
@@ -591,19 +584,13 @@ def merge_namespace(path: Path, *, wait: float, progress: bool) -> MergeResult:
                            dropped, m_after[-1] if m_after else None, message)  # fmt: skip
 
     meta = read_meta(path)
-    if not shards and len(merged) <= 1:
+    if not shards and (len(merged) <= 1 or not full):
         return result("nothing", count_items(path, meta), message="no shards to merge")
-    store = Store(
-        path,
-        path.name,
-        compression=_compression_of(path, list(reversed(merged)) + shards),
-        dense_size=_dense_size(meta),
-    )
+    store = Store(path, path.name, compression=_compression_of(path, list(reversed(merged)) + shards))
     try:
-        store.refresh()
-        count = store.index.count if store.index is not None else 0
-        done = store.merge(Identity(0, None, os.getpid()), wait=wait, progress=progress)
-        after = store.index.count if store.index is not None else 0
+        count = store.count()
+        done = store.consolidate(Identity(0, None, os.getpid()), wait=wait, full=full, progress=progress)
+        after = store.count()
     finally:
         store.close()
     if done:
@@ -765,6 +752,14 @@ def _info_details(info: NamespaceInfo, diff: Difference | None, now: float) -> s
         f"  items:      {info.items}   files: {info.merged_files} merged, {info.shard_files} shards"
         f"   size: {format_size(info.bytes)} ({info.bytes} bytes)"
         + ("   (merging now)" if info.merging else ""),
+        *(
+            [
+                f"  format:     {info.format}: written by another cachedata version and never read by "
+                f"this one (format {FORMAT_VERSION}); `cachedata clear --namespace {info.short}` removes it"
+            ]
+            if info.format is not None and info.format != FORMAT_VERSION
+            else []
+        ),
         f"  dataset:    {info.dataset_type} (len {info.dataset_len}), key {info.key}, version {info.version!r}",
         f"  transform:  {info.transform_repr}",
         f"  versions:   {_versions_text(info.versions)}",
@@ -791,17 +786,30 @@ def cmd_info(args: argparse.Namespace) -> int:
     others = [inspect_namespace(p, items=False) for p in find_namespaces(cache_dir) if p.name not in shown]
     pool = [*infos, *others]
     diffs = {i.fingerprint: nearest_sibling(i, pool) for i in infos}
+    usage, _ = _folder_usage(cache_dir)
+    in_use = {n.fingerprint: [str(h) for h in n.live_holders] for n in usage.namespaces}
+    folders = [] if infos else find_cache_folders(path)
     if args.json:
-        _print_json({"path": str(path), "namespaces": [_info_json(i, diffs[i.fingerprint]) for i in infos]})
+        found = [{**_info_json(i, diffs[i.fingerprint]), "in_use_by": in_use.get(i.fingerprint, [])}
+                 for i in infos]  # fmt: skip
+        out = {"path": str(path), "namespaces": found, "budget": _budget_json(usage)}
+        if not infos:
+            out["cache_folders"] = [asdict(f) for f in folders]
+        _print_json(out)
         return 0
     if not infos:
-        print(f"no namespaces under {path}")
+        print(_no_namespaces_text(path, folders))
+        print("\n".join(_budget_lines(usage)))
         return 0
     header = ["FINGERPRINT", "ITEMS", "SIZE", "MERGED", "SHARDS", "DATASET", "TRANSFORM", "CREATED",
-              "LAST USED", "VERSIONS"]  # fmt: skip
-    print(render_table(header, _info_rows(infos, now), right=(1, 2, 3, 4)))
+              "LAST USED", "VERSIONS", "IN USE BY"]  # fmt: skip
+    rows = [
+        [*r, " ".join(in_use.get(i.fingerprint, [])) or "-"] for r, i in zip(_info_rows(infos, now), infos)
+    ]
+    print(render_table(header, rows, right=(1, 2, 3, 4)))
     total = sum(i.bytes for i in infos)
     print(f"\n{len(infos)} namespace(s), {format_size(total)} under {path}")
+    print("\n".join(_budget_lines(usage)))
     if args.verbose or args.namespace is not None:
         for info in infos:
             print()
@@ -823,6 +831,7 @@ def _verify_text(results: Sequence[VerifyResult]) -> str:
     ]
     lines = [render_table(header, rows, right=(1, 2, 3))]
     for r in results:
+        lines += [f"\nrepaired {fix}" for fix in r.repaired]
         by_file: dict[str, list[Problem]] = {}
         for p in r.problems:
             by_file.setdefault(p.file, []).append(p)
@@ -875,7 +884,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     path = _resolve_path(args)
     targets = _targets(args, path)
     progress = _progress_enabled(args.progress)
-    results = [merge_namespace(p, wait=args.wait, progress=progress) for p in targets]
+    results = [merge_namespace(p, wait=args.wait, progress=progress, full=args.full) for p in targets]
     if args.json:
         _print_json({"path": str(path), "namespaces": [asdict(r) for r in results]})
     elif not results:
@@ -989,6 +998,102 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+# ============================================================================ budget
+
+
+def _folder_usage(cache_dir: Path) -> tuple[budget_mod.Usage, str | None]:
+    """The folder's usage against the budget a process started from this shell would use
+    ($CACHEDATA_MAX_BYTES, else the folder's settings file), and a note when the variable is bad."""
+    try:
+        explicit, note = budget_mod.explicit_limit(None), None
+    except ValueError as exc:
+        explicit, note = None, f"ignoring it: {exc}"
+    return budget_mod.usage(cache_dir, explicit), note
+
+
+def _budget_json(u: budget_mod.Usage) -> dict:
+    return {
+        "cache_dir": u.cache_dir,
+        "max_bytes": u.limit.max_bytes,
+        "source": u.limit.source,
+        "bytes": u.bytes,
+        "over": u.over,
+        "in_use_bytes": u.in_use_bytes,
+        "pending_bytes": u.pending_bytes,
+        "namespaces": len(u.namespaces),
+        "in_use": {n.fingerprint: [str(h) for h in n.live_holders] for n in u.namespaces if n.in_use},
+    }
+
+
+def _budget_lines(u: budget_mod.Usage) -> list[str]:
+    """``budget: 50G (from ...); 12G used (24%); 2 namespace(s) in use (3.1G)``, and what waits."""
+    used = format_size(u.bytes)
+    if u.limit.max_bytes is None:
+        head = f"budget: none ({used} used; set one with `cachedata budget {u.cache_dir} SIZE`)"
+    else:
+        share = 100.0 * u.bytes / u.limit.max_bytes
+        head = f"budget: {u.limit}; {used} used ({share:.0f}%{', OVER' if u.over else ''})"
+    busy = [n for n in u.namespaces if n.in_use]
+    head += f"; {len(busy)} namespace(s) in use ({format_size(u.in_use_bytes)})"
+    lines = [head]
+    if u.pending_bytes:
+        lines.append(f"evicted, awaiting deletion: {format_size(u.pending_bytes)} (readers on other nodes)")
+    return lines
+
+
+def cmd_budget(args: argparse.Namespace) -> int:
+    value = None
+    if args.size is not None and args.size.strip().lower() not in ("none", "off"):
+        value = _size_or_usage_error(args.size)
+    path = Path(args.path).expanduser()
+    if args.size is not None and not path.exists():
+        path.mkdir(parents=True)  # a budget may be set before the first run
+    path = _resolve_path(args)
+    cache_dir = path.parent if is_namespace(path) else path
+    if args.size is not None:
+        budget_mod.write_limit(cache_dir, value)
+    u, note = _folder_usage(cache_dir)
+    evicted: tuple[budget_mod.Eviction, ...] = ()
+    if args.enforce and u.limit.max_bytes is not None:
+        done = budget_mod.enforce(cache_dir, u.limit.max_bytes, keep=())
+        if not done.locked:
+            print(f"{args.parser.prog}: another process holds {cache_dir / '.budget.lock'}; "
+                  "nothing evicted, try again", file=sys.stderr)  # fmt: skip
+            return 1
+        evicted = done.evicted
+        u, note = _folder_usage(cache_dir)
+    try:
+        folder: int | str | None = budget_mod.folder_limit(cache_dir)
+    except ValueError as exc:
+        folder = f"unreadable: {exc}"
+    if args.json:
+        out = _budget_json(u)
+        out["folder_max_bytes"] = folder
+        out["evicted"] = [asdict(e) for e in evicted]
+        _print_json(out)
+    else:
+        for e in evicted:
+            print(
+                f"evicted {e.fingerprint[:SHORT_FP]}  {format_size(e.bytes)}  last used {_when(e.last_used)}"
+            )
+        print("\n".join(_budget_lines(u)))
+        if u.limit.source.startswith("$"):
+            print(f"the folder's own setting ({budget_mod.SETTINGS_NAME}): "
+                  f"{format_size(folder) if isinstance(folder, int) else folder or 'none'}; "
+                  f"${budget_mod.ENV_VAR} overrides it "
+                  "for processes started with it set")  # fmt: skip
+    if note:
+        print(f"{args.parser.prog}: ${budget_mod.ENV_VAR}: {note}", file=sys.stderr)
+    return 0
+
+
+def _size_or_usage_error(text: str) -> int:
+    try:
+        return budget_mod.parse_max_bytes(text, where="SIZE")
+    except ValueError as exc:
+        raise UsageError(f"{exc}; or 'none' to remove the budget") from None
+
+
 # ============================================================================ parser
 
 _EXIT_CODES = """\
@@ -1081,6 +1186,22 @@ removes the least recently used ones until the rest fits. Namespaces being merge
 now are kept. Does not ask for confirmation: try --dry-run first.
 """,
     ),
+    "budget": (
+        "show the folder's disk budget and usage, or set the budget",
+        """\
+example:
+  cachedata budget ~/.cache/cachedata
+  cachedata budget ~/.cache/cachedata 50G
+  cachedata budget ~/.cache/cachedata none
+  cachedata budget /data/cache 1.5T --enforce --json
+
+The budget is stored in the folder's cachedata-settings.json, which every process using
+the folder reads (CachedDataset(max_bytes=) and $CACHEDATA_MAX_BYTES override it).
+Training processes keep the folder under it themselves: when they create a namespace,
+seal or merge, they evict the least recently used namespaces that no live process uses.
+--enforce does that now. PATH is the cache folder (a namespace folder means its parent).
+""",
+    ),
 }
 
 
@@ -1117,12 +1238,13 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
     subs = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     handlers: dict[str, Callable[[argparse.Namespace], int]] = {
         "info": cmd_info, "verify": cmd_verify, "merge": cmd_merge, "clear": cmd_clear, "prune": cmd_prune,
+        "budget": cmd_budget,
     }  # fmt: skip
     for name, (summary, epilog) in _COMMANDS.items():
         sub = subs.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                               epilog=epilog + "\n" + _EXIT_CODES, formatter_class=_Formatter)  # fmt: skip
         sub.set_defaults(func=handlers[name], parser=sub)
-        _add_common(sub, path_required=name == "clear", namespace=name != "prune")
+        _add_common(sub, path_required=name in ("clear", "budget"), namespace=name not in ("prune", "budget"))
         if name == "info":
             sub.add_argument("--verbose", "-v", action="store_true",
                              help="add details per namespace and why it differs from its nearest sibling")  # fmt: skip
@@ -1131,6 +1253,8 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
         if name == "merge":
             sub.add_argument("--wait", type=_duration_arg, default=60.0, metavar="DURATION",
                              help="how long to wait for another process's merge.lock (default: 60s)")  # fmt: skip
+            sub.add_argument("--full", action="store_true",
+                             help="rewrite every file into one (default: merge the shards, keep big old files)")  # fmt: skip
         if name == "clear":
             sub.add_argument("--yes", "-y", action="store_true", help="delete without asking")
         if name == "prune":
@@ -1141,6 +1265,11 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
             sub.add_argument(
                 "--dry-run", action="store_true", help="show what would be removed, remove nothing"
             )
+        if name == "budget":
+            sub.add_argument("size", metavar="SIZE", nargs="?", default=None,
+                             help="set the budget, e.g. 50G, 512M, 1.5T; 'none' removes it (default: show it)")  # fmt: skip
+            sub.add_argument("--enforce", action="store_true",
+                             help="evict least recently used namespaces that nobody uses until the folder fits")  # fmt: skip
     return parser
 
 

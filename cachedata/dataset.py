@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -19,10 +18,13 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
-from .fingerprint import _diff_trees, _fingerprint_tree, fingerprint
-from .namespace import MAX_SHARDS, Identity, ReadOnly, Store
+from .budget import Tracker, explicit_limit
+from .fingerprint import diff_trees, fingerprint, fingerprint_tree
+from .metadata import read_meta
+from .namespace import Identity, ReadOnly, Store
 from .paths import default_cache_dir
 from .stats import CacheStats, Counters
+from .storage import FORMAT_VERSION
 
 logger = logging.getLogger("cachedata")
 
@@ -50,6 +52,7 @@ class CachedDataset(Dataset):
         version: str | None = None,
         compression: str | None = None,
         allow_random: bool = False,
+        max_bytes: int | str | None = None,
     ) -> None:
         _check_map_style(dataset)
         for name, fn in (("transform", transform), ("post_transform", post_transform), ("key", key)):
@@ -61,6 +64,7 @@ class CachedDataset(Dataset):
             raise ValueError(
                 f"CachedDataset: compression must be one of {_COMPRESSIONS}, got {compression!r}"
             )
+        limit = explicit_limit(max_bytes)  # max_bytes=, else $CACHEDATA_MAX_BYTES; raises on a bad value
         self.dataset = dataset
         self.transform = transform
         self.post_transform = post_transform
@@ -79,7 +83,7 @@ class CachedDataset(Dataset):
         transform_fp, transform_tree = _fingerprint_part(transform, "transform", fallback=version is not None)
         self.fingerprint: str = fingerprint(
             {
-                "cachedata_format": 1,
+                "cachedata_format": FORMAT_VERSION,
                 "dataset": dataset_fp,
                 "transform": transform_fp,
                 "version": version,
@@ -87,35 +91,36 @@ class CachedDataset(Dataset):
             }
         )
         self.path: Path = self.cache_dir / self.fingerprint
-        self._store = Store(
-            self.path,
-            self.fingerprint,
-            compression=compression,
-            dense_size=self._base_len if key is None else None,
-        )
+        self._store = Store(self.path, self.fingerprint, compression=compression)
         self._counters = Counters()
         self._rank = _current_rank()
         self._main_pid = os.getpid()
         self._all_keys: np.ndarray | None = None
         self._warned_readonly = False
-        meta = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
+        meta = self._meta_record = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
         is_new = not (self.path / "meta.json").exists()
+        # Disk budget: lease the namespace before creating its files (so that no other process
+        # evicts it from here on), then bring the folder under budget (see cachedata.budget).
+        self._budget = Tracker(self.cache_dir, self.path, explicit=limit)
+        self._budget.open(meta)
         try:
             self._store.create(meta)
         except ReadOnly as exc:
             self._read_only(exc)
         if is_new:
             _explain_new_namespace(self.cache_dir, meta)
+        self._budget.check()
 
     # -- Dataset protocol -------------------------------------------------------------------
 
     def __len__(self) -> int:
-        if os.getpid() == self._main_pid and get_worker_info() is None:
-            # Samplers call len() at the start of every epoch: a cheap moment (one directory
-            # listing) for the main process to pick up its workers' shards and to merge a
-            # namespace that has become complete.
-            self._rank = _current_rank(default=self._rank)
-            self._housekeeping()
+        if get_worker_info() is None:
+            # Samplers call len() at the start of every epoch: a moment to start a background
+            # merge when one is due (at most one directory listing per CHECK_EVERY seconds;
+            # the merge itself runs on its own thread, so len() returns at once).
+            self._store.poke()
+            if os.getpid() == self._main_pid:
+                self._budget.housekeeping(self._store)  # refresh the lease (rate-limited)
         return self._len
 
     def __getitem__(self, index: int) -> Any:
@@ -126,20 +131,18 @@ class CachedDataset(Dataset):
             i = index + n if index < 0 else index
             if 0 <= i < n:
                 key = int(self._indices[i]) if self._indices is not None else i
-                row = store.index.row(key)
-                if row >= 0:
-                    t0 = time.perf_counter()
-                    got = store.read_one(row, key)
-                    if got is not None:
-                        try:
-                            item = store.decoder.decode(got[0], 0, got[1])
-                        except (ValueError, RuntimeError) as exc:
-                            store.bad_item(key, exc)
-                        else:
-                            self._counters.add(hits=1, bytes_read=len(got[0]),
-                                               read_seconds=time.perf_counter() - t0)  # fmt: skip
-                            store.touch()
-                            return self.post_transform(item) if self.post_transform is not None else item
+                t0 = time.perf_counter()
+                got = store.get_one(key)
+                if got is not None:
+                    try:
+                        item = store.decoder.decode(got[0], 0, got[1])
+                    except (ValueError, RuntimeError) as exc:
+                        store.bad_item(None, key, exc)
+                    else:
+                        self._counters.add(hits=1, bytes_read=len(got[0]),
+                                       read_seconds=time.perf_counter() - t0)  # fmt: skip
+                        store.touch()
+                        return self.post_transform(item) if self.post_transform is not None else item
         return self._get([index], single=True)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -156,29 +159,33 @@ class CachedDataset(Dataset):
     @property
     def num_cached(self) -> int:
         """Items present on disk (or buffered by this process) and readable here."""
-        store = self._store
-        store.refresh()
-        on_disk = store.index.count if store.index is not None else 0
-        return on_disk + sum(1 for k in store.pending if store.lookup(k) < 0)
+        return self._store.count()
 
     def is_cached(self, index: int) -> bool:
         """True when item ``index`` would be served without computing it."""
         key = self._key_of(self._base_index(index))
         store = self._store
         store.check_pid()
-        if store.buffered(key) is not None or store.lookup(key) >= 0:
+        if store.buffered(key) is not None or store.find(key) is not None:
             return True
         store.refresh()
-        return store.lookup(key) >= 0
+        return store.find(key) is not None
 
     def flush(self) -> None:
-        """Seal this process's buffered writes so that other processes can read them."""
+        """Seal this process's buffered writes so that other processes can read them.
+
+        Unless they do not fit the disk budget: then writes stop for the run (see over_budget).
+        """
+        if not self._budget.before_seal(self._store):
+            return
         n, nbytes = self._store.seal(self._identity())
         self._count_writes(n, nbytes)
 
-    def merge(self) -> bool:
+    def merge(self, *, full: bool = False) -> bool:
         """Consolidate every shard into one merged file; True when a new file was written.
 
+        Older merged files stay as they are unless their size tier is full (so adding a few
+        items never rewrites the cache); ``full=True`` rewrites everything into one file.
         Collective under torch.distributed: every rank calls it, global rank 0 merges while
         the others wait, then every rank reads the merged file.
         """
@@ -187,10 +194,12 @@ class CachedDataset(Dataset):
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.barrier()  # every rank's shards are sealed before rank 0 looks
-        merged = self._store.merge(self._identity()) if _current_rank() == 0 else False
+        merged = self._store.consolidate(self._identity(), full=full) if _current_rank() == 0 else False
         if distributed:
             dist.barrier()  # nobody reads on until the merged file is in place
         self._store.refresh()
+        if merged:
+            self._budget.check()
         return merged
 
     def warm(
@@ -206,23 +215,34 @@ class CachedDataset(Dataset):
 
     def clear(self) -> None:
         """Delete this namespace from disk (every process's view of it becomes empty)."""
-        import shutil
-
-        self._store.buffer.clear()  # unsealed items belong to the namespace being deleted
-        self._store.close()
-        shutil.rmtree(self.path, ignore_errors=True)
-        self._store = Store(
-            self.path, self.fingerprint, compression=self.compression, dense_size=self._store.dense_size
-        )
+        self._store.destroy()
+        self._budget.cleared()  # the lease went with the folder
+        self._all_keys = None
         try:
-            self._store.create(self._store.meta() or {"fingerprint": self.fingerprint})
-        except ReadOnly:
-            pass
+            self._store.create(self._meta_record)  # what produced the namespace stays on record
+        except ReadOnly as exc:
+            self._read_only(exc)
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The disk budget of ``cache_dir`` in bytes (None: none): ``max_bytes=``, else
+        ``$CACHEDATA_MAX_BYTES`` as set at construction, else the folder's settings file now."""
+        return self._budget.limit.max_bytes
+
+    @property
+    def over_budget(self) -> bool:
+        """True when this run stopped storing new items because the namespaces in use alone
+        exceed the disk budget (in this process or one of its DataLoader workers). Items are
+        still computed and served; what is already stored is kept."""
+        return self._budget.stopped()
 
     def __repr__(self) -> str:
+        budget = ""
+        if self._budget.stopped():
+            budget = f", writes stopped: over the disk budget of {self._budget.limit}"
         return (
             f"CachedDataset({type(self.dataset).__name__}, len={self._len}, path={str(self.path)!r}, "
-            f"transform={self.transform!r})"
+            f"transform={self.transform!r}{budget})"
         )
 
     def __cachedata_fingerprint__(self) -> str:
@@ -296,29 +316,23 @@ class CachedDataset(Dataset):
             # merged) meanwhile.
             if attempt and not store.refresh():
                 break
-            missing, hit_pos, hit_rows = [], [], []
-            found = store.lookups([keys[p] for p in todo] if attempt else keys)
-            for p, r in zip(todo, found):
-                if r >= 0:
-                    hit_pos.append(p)
-                    hit_rows.append(r)
+            decode = store.decoder.decode if store.decoder is not None else None
+            got = store.get_many([keys[p] for p in todo])
+            missing = []
+            for p, g in zip(todo, got):
+                if g is not None:
+                    try:
+                        out[p] = decode(g[0], 0, g[1])
+                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
+                        store.bad_item(None, keys[p], exc)
+                        missing.append(p)
+                        continue
+                    nbytes += len(g[0])
                 elif (enc := store.buffered(keys[p])) is not None:
                     out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
                     nbytes += len(enc.payload)
                 else:
                     missing.append(p)
-            if hit_pos:
-                for p, got in zip(hit_pos, store.read(hit_rows, [keys[p] for p in hit_pos])):
-                    if got is None:
-                        missing.append(p)  # failed its checksum: recompute
-                        continue
-                    try:
-                        out[p] = store.decoder.decode(got[0], 0, got[1])
-                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
-                        store.bad_item(keys[p], exc)
-                        missing.append(p)
-                        continue
-                    nbytes += len(got[0])
             todo = missing
             if not todo:
                 break
@@ -405,46 +419,28 @@ class CachedDataset(Dataset):
         if (in_worker and not single) or store.should_seal(worker=in_worker):
             # A worker seals every batch: another worker may be asked for these items in the
             # next epoch (persistent workers never exit between epochs).
-            n, nbytes = store.seal(self._identity())
-            self._count_writes(n, nbytes)
-            if not in_worker:
-                self._housekeeping()
+            self.flush()
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:
             self._counters.add(writes=n, bytes_written=nbytes)
 
-    def _housekeeping(self) -> None:
-        """Main process only: load new shards, and merge when complete or fragmented."""
-        if get_worker_info() is not None or os.getpid() != self._main_pid or _current_rank(default=0) != 0:
-            return
-        store = self._store
-        store.refresh()
-        if store.index is None or not store.writable:
-            return
-        if store.shard_count == 0:
-            return
-        if store.shard_count >= MAX_SHARDS or self._complete():
-            try:
-                store.merge(self._identity(), wait=0.0)
-            except OSError as exc:
-                store.disable_writes(exc)
-
     def _complete(self) -> bool:
-        store = self._store
-        if store.index is None or store.index.count < self._base_len:
-            return False
-        if self.key is None:
-            return True
+        """Every item of the base dataset is on disk (reads every key: construction only)."""
         if self._all_keys is None:
-            self._all_keys = np.asarray([self._key_of(i) for i in range(self._base_len)], np.int64)
-        return bool((store.index.rows(self._all_keys) >= 0).all())
+            n = self._base_len
+            self._all_keys = (
+                np.arange(n, dtype=np.int64)
+                if self.key is None
+                else np.asarray([self._key_of(i) for i in range(n)], np.int64)
+            )
+        return bool(self._store.contains(self._all_keys).all())
 
     def _read_only(self, exc: BaseException) -> None:
         self._store.writable = False
         store = self._store
         store.refresh()
-        complete = store.index is not None and self._complete()
+        complete = self._complete()
         if not complete:
             logger.warning(
                 "cachedata: %s is not writable (%s); missing items are computed but not stored",
@@ -456,7 +452,7 @@ class CachedDataset(Dataset):
         import h5py
 
         return {
-            "cachedata_format": 1,
+            "cachedata_format": FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "created": time.time(),
             "dataset": {"type": _qualname(self._base), "len": self._base_len, "fingerprint": dataset_fp},
@@ -513,7 +509,7 @@ def _unwrap(dataset: Any) -> tuple[Any, np.ndarray | None]:
 def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict[str, str]]:
     """(digest, attribute-path tree) of the dataset or transform, or a type-based stand-in."""
     try:
-        return _fingerprint_tree(obj, root=what)
+        tree = fingerprint_tree(obj, root=what)
     except TypeError as exc:
         if not fallback:
             hint = (
@@ -528,44 +524,66 @@ def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict
         logger.info("cachedata: %s is named by its type and version= (%s)", what, exc)
         stand_in = {"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None}
         return fingerprint(stand_in), {what: f"{_qualname(obj)} (named by version=)"}
+    return tree.digest, tree.entries
+
+
+#: New namespaces already explained by this process (one WARNING each).
+_explained: set[str] = set()
 
 
 def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
-    """Log once why a new namespace was made beside existing ones of the same dataset type."""
+    """Say, once per process and at WARNING, why a cache starts cold beside older namespaces.
+
+    Compares the new namespace's fingerprint tree with each sibling's of the same dataset
+    type (their meta.json; damaged ones are skipped) and names the differing attribute
+    paths of the closest one in words.
+    """
+    if meta["fingerprint"] in _explained:
+        return
     try:
-        siblings = [p / "meta.json" for p in cache_dir.iterdir() if p.name != meta["fingerprint"]]
+        siblings = [p for p in cache_dir.iterdir() if p.name != meta["fingerprint"] and p.is_dir()]
     except OSError:
         return
-    best: tuple[int, dict] | None = None
-    for path in siblings:
-        try:
-            other = json.loads(path.read_text())
-        except (OSError, ValueError):
+    best: tuple[int, dict, list[str]] | None = None
+    for folder in siblings:
+        other = read_meta(folder)
+        dataset = other.get("dataset")
+        if not isinstance(dataset, dict) or dataset.get("type") != meta["dataset"]["type"]:
             continue
-        if other.get("dataset", {}).get("type") != meta["dataset"]["type"]:
-            continue
-        lines = _diff_trees(other.get("tree", {}), meta["tree"])
+        tree = other.get("tree")
+        lines = diff_trees(tree if isinstance(tree, dict) else {}, meta["tree"])
         if best is None or len(lines) < best[0]:
-            best = (len(lines), {"other": other, "lines": lines})
+            best = (len(lines), other, lines)
     if best is None:
         return
-    other, lines = best[1]["other"], best[1]["lines"]
+    _, other, lines = best
+    _explained.add(meta["fingerprint"])
+
+    def part(name: str) -> Any:
+        value = other.get(name)
+        return value.get("fingerprint") if isinstance(value, dict) else None
+
     parts = [
         name
         for name, a, b in (
-            ("dataset", other.get("dataset", {}).get("fingerprint"), meta["dataset"]["fingerprint"]),
-            ("transform", other.get("transform", {}).get("fingerprint"), meta["transform"]["fingerprint"]),
+            ("dataset", part("dataset"), meta["dataset"]["fingerprint"]),
+            ("transform", part("transform"), meta["transform"]["fingerprint"]),
             ("version", other.get("version"), meta["version"]),
         )
         if a != b
     ]
     shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
-    logger.info(
-        "cachedata: new namespace %s differs from %s in %s: %s",
+    logger.warning(
+        "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
+        "Its items are computed again into %s. If that difference should not matter, leave it out of "
+        "the fingerprint (a __cachedata_fingerprint__ method, or cachedata.register_fingerprint for its "
+        "type) and pin the namespace by hand with version='...', bumped when outputs should change",
         meta["fingerprint"][:12],
+        meta["dataset"]["type"],
         str(other.get("fingerprint", "?"))[:12],
         ", ".join(parts) or "key mode",
         shown or "(no attribute-level difference recorded)",
+        cache_dir / meta["fingerprint"],
     )
 
 

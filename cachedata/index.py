@@ -1,135 +1,179 @@
-"""The in-memory index of one namespace: key -> (file, offset, size, checksum, slots).
+"""The index of one namespace, shared between processes: key -> (file, row).
 
-Columns are numpy arrays grown by doubling, so a million items cost about 40 bytes each
-plus 8 per shape slot. Integer keys ``0 <= key < size`` (the default: dataset indices)
-map to rows through a dense int64 array; other keys (from ``key=``) through a dict.
-The first file that supplies a key wins unless a later one is added with ``override``.
+Each file's index columns are sorted by key (format version 2) and, for files of
+``storage.MAP_INDEX_ROWS`` rows or more, memory-mapped read-only, so every process and
+DataLoader worker reads one copy in the page cache instead of building its own. A key is
+found by a binary search per file (O(1) for a file whose keys are one contiguous range,
+the common case of a complete cache), largest file first. The only private state is a set
+of rows found corrupt, which this process must not serve again.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .storage import FileIndex, Reader
 
 
-class Index:
-    """Rows of every loaded file, and which row serves each key."""
+@dataclass(eq=False)
+class Segment:
+    """One file's rows and its reader."""
 
-    def __init__(self, *, nslots: int, dense_size: int | None, map_files: bool = False) -> None:
-        self.nslots = nslots
-        self.map_files = map_files  # memory-map uncompressed files (see storage.Reader)
-        self.readers: list[Reader] = []
-        self.names: dict[str, int] = {}
-        self._n = 0
-        cap = 1024
-        self.file = np.empty(cap, np.int32)
-        self.offset = np.empty(cap, np.int64)
-        self.size = np.empty(cap, np.int64)
-        self.checksum = np.empty(cap, np.uint64)
-        self.slots = np.empty((cap, nslots), np.int64)
-        # Rows fit int32 below 2**31 items: half the memory of the key -> row map.
-        self._dense = (
-            np.full(dense_size, -1, np.int32 if (dense_size or 0) < 2**31 else np.int64)
-            if dense_size is not None
-            else None
-        )
-        self._map: dict[int, int] = {}
-        self.count = 0  # keys that have a row
+    fi: FileIndex
+    reader: Reader
+    first: int = field(init=False)  # keys[0] when the keys are one contiguous range, else None
+    contiguous: bool = field(init=False)
 
-    def row(self, key: int) -> int:
-        """The row serving ``key``, or -1."""
-        if self._dense is not None:
-            return int(self._dense[key]) if 0 <= key < len(self._dense) else -1
-        return self._map.get(key, -1)
+    def __post_init__(self) -> None:
+        keys = self.fi.keys
+        n = len(keys)
+        self.first = int(keys[0]) if n else 0
+        self.contiguous = bool(n) and int(keys[n - 1]) - self.first == n - 1
 
     def rows(self, keys: np.ndarray) -> np.ndarray:
-        """Vectorized ``row`` for an int64 array of keys."""
-        if self._dense is not None:
-            ok = (keys >= 0) & (keys < len(self._dense))
-            out = np.full(len(keys), -1, np.int64)
-            out[ok] = self._dense[keys[ok]]
-            return out
-        get = self._map.get
-        return np.fromiter((get(int(k), -1) for k in keys), np.int64, len(keys))
+        """Rows of an int64 array of keys in this file, -1 where absent."""
+        n = len(self.fi.keys)
+        if not n:
+            return np.full(len(keys), -1, np.int64)
+        if self.contiguous:
+            rows = keys - self.first
+            rows[(rows < 0) | (rows >= n)] = -1
+            return rows
+        at = np.searchsorted(self.fi.keys, keys)
+        ok = at < n
+        hit = np.zeros(len(keys), bool)
+        hit[ok] = self.fi.keys[at[ok]] == keys[ok]
+        return np.where(hit, at, -1)
+
+    def row(self, key: int) -> int:
+        """The row of one key, or -1 (no array allocation on this path)."""
+        keys = self.fi.keys
+        n = len(keys)
+        if self.contiguous:
+            r = key - self.first
+            return r if 0 <= r < n else -1
+        r = int(np.searchsorted(keys, key))
+        return r if r < n and int(keys[r]) == key else -1
+
+
+class Index:
+    """The loaded files of a namespace, and which one serves each key."""
+
+    def __init__(self, *, nslots: int, map_files: bool = False) -> None:
+        self.nslots = nslots
+        self.map_files = map_files  # memory-map uncompressed payloads (see storage.Reader)
+        self.segments: list[Segment] = []  # largest first: most keys resolve in one probe
+        self.by_name: dict[str, Segment] = {}
+        self._bad: dict[int, set[int]] = {}  # id(segment) -> keys whose bytes failed a check
+        self.discards = 0  # how many rows were discarded so far (readers retry when it grows)
+        self._open: OrderedDict[int, Segment] = OrderedDict()  # opened readers, oldest first
+
+    @property
+    def names(self) -> set[str]:
+        return set(self.by_name)
+
+    def add(self, fi: FileIndex) -> Segment:
+        seg = Segment(fi, Reader(fi, map_file=self.map_files))
+        self.segments.append(seg)
+        self.segments.sort(key=lambda s: -len(s.fi.keys))
+        self.by_name[fi.path.name] = seg
+        return seg
+
+    def opened(self, seg: Segment) -> None:
+        """Record that ``seg``'s reader was opened; close the oldest beyond ``open_files_cap``.
+
+        A mapped file costs two descriptors (mmap keeps a duplicate), so a process with many
+        files open would reach a limit like ``ulimit -n 1024`` long before its memory runs out.
+        """
+        self._open[id(seg)] = seg
+        self._open.move_to_end(id(seg))
+        cap = open_files_cap()
+        while len(self._open) > cap:
+            _, old = self._open.popitem(last=False)
+            old.reader.close()  # reopened on its next read
+
+    def remove(self, name: str) -> None:
+        """Forget a file that left the listing (merged away); readers already open stay valid."""
+        seg = self.by_name.pop(name, None)
+        if seg is not None:
+            self.segments.remove(seg)
+            self._bad.pop(id(seg), None)
+            self._open.pop(id(seg), None)
+            seg.reader.close()
+
+    def find(self, key: int) -> tuple[Segment, int] | None:
+        """(segment, row) serving ``key``, or None."""
+        bad = self._bad
+        for seg in self.segments:
+            r = seg.row(key)
+            if r >= 0 and not (bad and key in bad.get(id(seg), ())):
+                return seg, r
+        return None
+
+    def find_many(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segment number in ``segments`` or -1, row) for an int64 array of keys."""
+        seg_of = np.full(len(keys), -1, np.int64)
+        rows = np.full(len(keys), -1, np.int64)
+        todo = np.arange(len(keys))
+        for s, seg in enumerate(self.segments):
+            if not len(todo):
+                break
+            r = seg.rows(keys[todo])
+            bad = self._bad.get(id(seg))
+            if bad:
+                r[np.isin(keys[todo], np.fromiter(bad, np.int64, len(bad)))] = -1
+            got = r >= 0
+            seg_of[todo[got]] = s
+            rows[todo[got]] = r[got]
+            todo = todo[~got]
+        return seg_of, rows
+
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """Boolean mask of keys that some file serves."""
+        return self.find_many(keys)[0] >= 0
 
     def keys(self) -> np.ndarray:
-        """Every key that has a row, ascending."""
-        if self._dense is not None:
-            return np.flatnonzero(self._dense >= 0)
-        return np.sort(np.fromiter(self._map.keys(), np.int64, len(self._map)))
+        """Every key that has a row, ascending (reads every file's key column)."""
+        if not self.segments:
+            return np.empty(0, np.int64)
+        parts = []
+        for seg in self.segments:
+            k = np.asarray(seg.fi.keys, np.int64)
+            bad = self._bad.get(id(seg))
+            if bad:
+                k = k[~np.isin(k, np.fromiter(bad, np.int64, len(bad)))]
+            parts.append(k)
+        return np.unique(np.concatenate(parts))
 
-    def add(self, fi: FileIndex, *, override: bool = False) -> None:
-        """Add a file's rows; keys already served keep their row unless ``override``."""
-        fid = len(self.readers)
-        self.readers.append(Reader(fi, map_file=self.map_files))
-        self.names[fi.path.name] = fid
-        n = len(fi.keys)
-        if not n:
-            return
-        if self._n == 0 and len(self.file) < n:
-            # First big file (a merged one): adopt its freshly read columns, no copy.
-            self.file = np.full(n, fid, np.int32)
-            self.offset, self.size, self.checksum = fi.offsets, fi.sizes, fi.checksums
-            self.slots = fi.slots
-            self._n = n
-            self._map_rows(fi.keys, np.arange(n, dtype=np.int64), override)
-            return
-        self._grow(self._n + n)
-        lo, hi = self._n, self._n + n
-        self.file[lo:hi] = fid
-        self.offset[lo:hi] = fi.offsets
-        self.size[lo:hi] = fi.sizes
-        self.checksum[lo:hi] = fi.checksums
-        self.slots[lo:hi] = fi.slots
-        self._n = hi
-        self._map_rows(fi.keys, np.arange(lo, hi, dtype=np.int64), override)
+    @property
+    def count(self) -> int:
+        """Distinct keys served (O(items): not for the hot path)."""
+        if len(self.segments) == 1 and not self._bad:
+            return len(self.segments[0].fi.keys)
+        return len(self.keys())
 
-    def _map_rows(self, keys: np.ndarray, rows: np.ndarray, override: bool) -> None:
-        """Point keys at rows (keys are unique within one file by construction)."""
-        if self._dense is not None:
-            ok = (keys >= 0) & (keys < len(self._dense))
-            if not ok.all():
-                keys, rows = keys[ok], rows[ok]
-            free = self._dense[keys] < 0
-            if not override:
-                keys, rows = keys[free], rows[free]
-                self.count += len(keys)
-            else:
-                self.count += int(np.count_nonzero(free))
-            self._dense[keys] = rows
-        else:
-            m = self._map
-            for k, r in zip(keys.tolist(), rows.tolist()):
-                if override or k not in m:
-                    if k not in m:
-                        self.count += 1
-                    m[k] = r
-
-    def discard(self, key: int) -> None:
-        """Forget a key's row (its bytes failed the checksum), so it is recomputed."""
-        if self._dense is not None:
-            if 0 <= key < len(self._dense) and self._dense[key] >= 0:
-                self._dense[key] = -1
-                self.count -= 1
-        elif self._map.pop(key, None) is not None:
-            self.count -= 1
-
-    def _grow(self, need: int) -> None:
-        cap = len(self.file)
-        if need <= cap:
-            return
-        while cap < need:
-            cap *= 2
-        for name in ("file", "offset", "size", "checksum"):
-            old = getattr(self, name)
-            new = np.empty(cap, old.dtype)
-            new[: self._n] = old[: self._n]
-            setattr(self, name, new)
-        slots = np.empty((cap, self.nslots), np.int64)
-        slots[: self._n] = self.slots[: self._n]
-        self.slots = slots
+    def discard(self, seg: Segment, key: int) -> None:
+        """Never serve ``key`` from ``seg`` again in this process (its bytes failed a check)."""
+        self._bad.setdefault(id(seg), set()).add(key)
+        self.discards += 1
 
     def close(self) -> None:
-        for r in self.readers:
-            r.close()
+        for seg in self.segments:
+            seg.reader.close()
+        self._open.clear()
+
+
+def open_files_cap() -> int:
+    """Files one process keeps open for reading: an eighth of the open-files limit, 8 to 512."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 512
+    except (ImportError, OSError, ValueError):
+        return 128
+    return max(8, min(512, soft // 8))

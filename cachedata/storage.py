@@ -1,28 +1,38 @@
-"""The HDF5 file format of shards and merged files (format version 1).
+"""The HDF5 file format of shards and runs (format version 2).
 
 One file holds many items. Layout, readable with h5py alone::
 
-    /data    uint8[total]   the items' payloads back to back (contiguous, or chunked when compressed)
-    /index   compound[n]    key int64, offset uint64, size uint64, checksum uint64,
-                            slots int64[S] (shapes and lengths, see cachedata.schema)
-    attrs    cachedata_format=1, kind="shard"|"merged", namespace=<fingerprint>,
-             schema=<JSON>, created=<unix seconds>, sources=<JSON list, merged files only>
+    /data             uint8[total]  the items' payloads (contiguous, or chunked when compressed)
+    /index/key        int64[n]      sorted ascending, unique
+    /index/offset     uint64[n]     where each payload starts in /data
+    /index/size       uint64[n]     payload bytes
+    /index/checksum   uint64[n]     see ``checksum``
+    /index/slots      int64[n, S]   shapes and lengths (see cachedata.schema); absent when S == 0
+    attrs             cachedata_format=2, kind="shard"|"merged", namespace=<fingerprint>,
+                      schema=<JSON>, created=<unix seconds>, sources=<JSON list, merged files only>
+
+Version 2 stores the index as contiguous columns sorted by key, so every process memory-maps
+them (one copy in the page cache, shared) and finds a key with a binary search instead of
+building a private dict. Payloads need not be in key order: a merge copies each source's
+live byte ranges whole (``copy_file_range``) and only rebases the offsets.
 
 ``checksum`` is xxh3-64 of the payload seeded with the key XOR the xxh3-64 of the slots, so an
-index row that points at another item's bytes, or carries a flipped shape, fails the check. Files are written under a temporary name in the
-same folder and renamed into place once complete, so readers never see a torn file; a
-sealed file is never modified again. Uncompressed payloads are read at the dataset's file
-offset: small ones copied out of a read-only memory map, large ones (and all on network
-filesystems) with ``os.preadv``. No HDF5 call and no lock on the hot path.
+index row that points at another item's bytes, or carries a flipped shape, fails the check.
+Files are written under a temporary name in the same folder and renamed into place once
+complete, so readers never see a torn file; a sealed file is never modified again.
+Uncompressed payloads are read at the dataset's file offset: small ones copied out of a
+read-only memory map, large ones (and all on network filesystems) with ``os.preadv``. No
+HDF5 call and no lock on the hot path.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
-import socket
 import struct
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +42,11 @@ import h5py
 import numpy as np
 import xxhash
 
-FORMAT_VERSION = 1
+from . import fileset
+
+#: The on-disk format. It is part of every namespace fingerprint, so a cache written in
+#: another format is never read: it is a different namespace (``cachedata info`` names it).
+FORMAT_VERSION = 2
 #: Compressed payloads live in chunks of this many bytes (random reads decompress one or two).
 _CHUNK_BYTES = 64 * 1024
 #: Copy block for streaming payloads into a file, in bytes.
@@ -41,6 +55,39 @@ _COPY_BYTES = 8 * 1024 * 1024
 #: call would cost more than the copy; larger ones are read with preadv (into buffers.take's
 #: recycled buffers), which costs the same per byte and leaves the file's pages out of RSS.
 MAP_BELOW = 64 * 1024
+#: Index columns of files with at least this many rows are memory-mapped (shared between
+#: processes); smaller ones are read into memory, where a map would cost more than it saves.
+MAP_INDEX_ROWS = 4096
+#: Errors of the environment, not of the file: they never make a file count as corrupt.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.EINTR,
+        errno.EAGAIN,
+        errno.EIO,
+        errno.ESTALE,
+        errno.EBUSY,
+    }
+)
+#: Held around every HDF5 call and taken by os.fork: a fork while a background merge is inside
+#: the HDF5 library would leave its global lock held forever in the child.
+H5_LOCK = threading.RLock()
+
+
+def _h5_lock_in_child() -> None:
+    global H5_LOCK
+    H5_LOCK = threading.RLock()
+
+
+os.register_at_fork(
+    before=lambda: H5_LOCK.acquire(),
+    after_in_parent=lambda: H5_LOCK.release(),
+    after_in_child=_h5_lock_in_child,
+)
+#: Tests lower this to exercise the read/write fallback of merges (see ``copy_range``).
+USE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 
 def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[int] = ()) -> int:
@@ -55,33 +102,83 @@ def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[
     return xxhash.xxh3_64_intdigest(payload, seed=seed)
 
 
-def index_dtype(nslots: int) -> np.dtype:
-    """The compound dtype of ``/index`` for a schema with ``nslots`` slots per item."""
-    fields = [("key", "<i8"), ("offset", "<u8"), ("size", "<u8"), ("checksum", "<u8")]
-    if nslots:
-        fields.append(("slots", "<i8", (nslots,)))
-    return np.dtype(fields)
-
-
 class CorruptFile(Exception):
-    """A cache file that cannot be trusted (unreadable, inconsistent, or tampered with)."""
+    """A cache file that cannot be trusted (malformed, inconsistent, or tampered with)."""
+
+
+class TransientError(OSError):
+    """An environmental failure (too many open files, no memory, a transient I/O error).
+
+    Never a sign of corruption: the file is kept and the work is retried or deferred.
+    """
+
+
+def transient(exc: BaseException) -> bool:
+    """True when ``exc`` is a resource or transient I/O error rather than a bad file.
+
+    h5py reports a failed open as an OSError whose message carries the errno, so both the
+    attribute and the text are checked.
+    """
+    if isinstance(exc, (TransientError, fileset.ListingError)):
+        return True
+    if isinstance(exc, MemoryError):
+        return True
+    if isinstance(exc, OSError):
+        if exc.errno in TRANSIENT_ERRNOS:
+            return True
+        text = str(exc)
+        return any(f"errno = {e}," in text for e in TRANSIENT_ERRNOS) or "Too many open files" in text
+    return False
+
+
+def limit_hint(exc: BaseException) -> str:
+    """Which limit to raise for a transient error, in words."""
+    text = str(exc)
+    if "open files" in text or getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE):
+        try:
+            import resource
+
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+            if target <= soft:
+                return (
+                    f"the open-files limit (now {soft}; raise it with `ulimit -n 65536` after raising "
+                    f"the hard limit, also {hard}, in /etc/security/limits.conf or your job scheduler)"
+                )
+            return f"the open-files limit (now {soft}; raise it with `ulimit -n {target}`)"
+        except (ImportError, OSError, ValueError):
+            return "the open-files limit (`ulimit -n`)"
+    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
+        return "the memory available to this process"
+    return "nothing: a transient I/O error; the work is retried later"
 
 
 @dataclass(frozen=True)
 class FileIndex:
-    """What a reader needs from one file: its rows, schema text and where payloads start."""
+    """What a reader needs from one file: its rows (sorted by key), schema and data offset.
+
+    The columns of large files are read-only memory maps of the file itself.
+    """
 
     path: Path
-    keys: np.ndarray  # int64[n]
-    offsets: np.ndarray  # int64[n], relative to the data start
-    sizes: np.ndarray  # int64[n]
+    keys: np.ndarray  # int64[n], ascending
+    offsets: np.ndarray  # int64 or uint64 [n], relative to the data start
+    sizes: np.ndarray  # int64 or uint64 [n]
     checksums: np.ndarray  # uint64[n]
     slots: np.ndarray  # int64[n, S]
     schema: str
     data_offset: int | None  # byte offset of /data in the file; None when compressed or empty
+    data_bytes: int  # length of /data
     compressed: bool
     kind: str
     sources: tuple[str, ...]
+    file_bytes: int  # size of the whole file
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+# ------------------------------------------------------------------------------ writing
 
 
 def write_file(
@@ -97,20 +194,22 @@ def write_file(
     payloads: Iterable[bytes | bytearray | memoryview | None],
     compression: str | None,
     sources: tuple[str, ...] = (),
+    durable: bool = True,
 ) -> FileIndex:
-    """Write one complete file atomically: a temporary name, fsync, then ``os.replace``.
+    """Write one complete file from payloads in row order, atomically.
 
-    ``payloads`` yields one buffer per row, in order, or None for a row to leave out (its
-    bytes failed a check while being copied). The index is written after the payloads, so
-    only rows whose bytes were written are listed. Returns the new file's index.
+    Rows must be sorted by key. ``payloads`` yields one buffer per row, or None for a row to
+    leave out (its bytes failed a check while being copied). ``durable=False`` skips the
+    fsync: a shard lost in a power cut only fails its checksums and is recomputed, while a
+    merged file must be on disk before the files it replaces are removed.
     """
     sizes = np.asarray(sizes, np.int64)
     offsets = np.zeros(len(sizes), np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     total = int(sizes.sum())
-    tmp = path.with_name(f".tmp-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}-{path.name}")
+    tmp = path.with_name(fileset.tmp_name(path.name))
     try:
-        with h5py.File(tmp, "w", locking=False) as f:
+        with H5_LOCK, h5py.File(tmp, "w", locking=False) as f:
             if compression:
                 data = f.create_dataset(
                     "data",
@@ -125,40 +224,145 @@ def write_file(
                 data_offset = _reserve_contiguous(f, total)
         if not compression:
             keep = _fill_raw(tmp, data_offset or 0, payloads, sizes)
-        rows = np.zeros(int(keep.sum()), index_dtype(slots.shape[1]))
-        rows["key"] = keys[keep]
-        rows["offset"] = offsets[keep]
-        rows["size"] = sizes[keep]
-        rows["checksum"] = checksums[keep]
-        if slots.shape[1]:
-            rows["slots"] = slots[keep]
-        with h5py.File(tmp, "r+", locking=False) as f:
-            f.attrs["cachedata_format"] = FORMAT_VERSION
-            f.attrs["kind"] = kind
-            f.attrs["namespace"] = namespace
-            f.attrs["schema"] = schema
-            f.attrs["created"] = time.time()
-            if kind == "merged":
-                f.attrs["sources"] = json.dumps(list(sources))
-            f.create_dataset("index", data=rows)
-        _fsync_path(tmp)  # the rename below must not publish bytes still in flight
-        os.replace(tmp, path)  # atomic: readers see the whole file or nothing
-        _fsync_dir(path.parent)
+        rows = _Rows(keys[keep], offsets[keep], sizes[keep], np.asarray(checksums)[keep], slots[keep])
+        fi = _finish(tmp, path, rows, kind=kind, namespace=namespace, schema=schema, sources=sources,
+                     data_offset=data_offset, total=total, compressed=bool(compression), durable=durable)  # fmt: skip
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return fi
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A byte range of a source file to copy into a merged file (one ``copy_file_range``)."""
+
+    fd: int  # an open descriptor of the source file
+    src: int  # absolute offset in the source file
+    dst: int  # offset relative to the new file's /data
+    size: int
+
+
+def write_merged(
+    path: Path,
+    *,
+    namespace: str,
+    schema: str,
+    keys: np.ndarray,
+    offsets: np.ndarray,
+    sizes: np.ndarray,
+    checksums: np.ndarray,
+    slots: np.ndarray,
+    pieces: Sequence[Piece],
+    total: int,
+    sources: tuple[str, ...],
+    use_copy_file_range: bool,
+    progress=None,
+) -> FileIndex:
+    """Write an uncompressed merged file whose payload bytes come from ranges of other files.
+
+    Rows (sorted by key) already carry their offsets in the new /data. Bytes move with
+    ``os.copy_file_range`` (no copy through Python; the kernel may share the blocks) or, where
+    that is unavailable or unwise (network filesystems), with pread/pwrite.
+    """
+    tmp = path.with_name(fileset.tmp_name(path.name))
+    try:
+        with H5_LOCK, h5py.File(tmp, "w", locking=False) as f:
+            data_offset = _reserve_contiguous(f, total)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            base = data_offset or 0
+            for p in pieces:
+                copy_range(p.fd, p.src, fd, base + p.dst, p.size, use_copy_file_range=use_copy_file_range)
+                if progress is not None:
+                    progress(p.size)
+        finally:
+            os.close(fd)
+        rows = _Rows(keys, offsets, sizes, checksums, slots)
+        fi = _finish(tmp, path, rows, kind="merged", namespace=namespace, schema=schema, sources=sources,
+                     data_offset=data_offset, total=total, compressed=False, durable=True)  # fmt: skip
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return fi
+
+
+def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, n: int, *, use_copy_file_range: bool) -> None:
+    """Copy ``n`` bytes between descriptors at explicit offsets; falls back to pread/pwrite."""
+    while n > 0 and use_copy_file_range:
+        try:
+            done = os.copy_file_range(src_fd, dst_fd, n, src, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                break  # not supported here: the loop below copies what is left
+            raise
+        if done == 0:
+            raise CorruptFile(f"source file ended {n} bytes early while merging")
+        src, dst, n = src + done, dst + done, n - done
+    buf = bytearray(min(n, _COPY_BYTES)) if n > 0 else bytearray()
+    view = memoryview(buf)
+    while n > 0:
+        got = os.preadv(src_fd, [view[: min(n, len(buf))]], src)
+        if got == 0:
+            raise CorruptFile(f"source file ended {n} bytes early while merging")
+        at = 0
+        while at < got:
+            at += os.pwrite(dst_fd, view[at:got], dst + at)
+        src, dst, n = src + got, dst + got, n - got
+
+
+@dataclass(frozen=True)
+class _Rows:
+    keys: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    checksums: np.ndarray
+    slots: np.ndarray
+
+
+def _finish(
+    tmp: Path, path: Path, rows: _Rows, *, kind: str, namespace: str, schema: str, sources: tuple[str, ...],
+    data_offset: int | None, total: int, compressed: bool, durable: bool,
+) -> FileIndex:  # fmt: skip
+    """Write the index columns and attributes, then publish ``tmp`` as ``path``."""
+    keys = np.ascontiguousarray(rows.keys, np.int64)
+    if len(keys) > 1 and not bool((keys[1:] > keys[:-1]).all()):
+        raise ValueError(f"{path.name}: index keys must be unique and ascending")
+    with H5_LOCK, h5py.File(tmp, "r+", locking=False) as f:
+        f.attrs["cachedata_format"] = FORMAT_VERSION
+        f.attrs["kind"] = kind
+        f.attrs["namespace"] = namespace
+        f.attrs["schema"] = schema
+        f.attrs["created"] = time.time()
+        if kind == "merged":
+            f.attrs["sources"] = json.dumps(list(sources))
+        g = f.create_group("index")
+        # Contiguous, uncompressed columns: readers memory-map them at their file offsets.
+        g.create_dataset("key", data=keys)
+        g.create_dataset("offset", data=np.asarray(rows.offsets, np.uint64))
+        g.create_dataset("size", data=np.asarray(rows.sizes, np.uint64))
+        g.create_dataset("checksum", data=np.asarray(rows.checksums, np.uint64))
+        if rows.slots.shape[1]:
+            g.create_dataset("slots", data=np.asarray(rows.slots, np.int64))
+    if durable:
+        _fsync_path(tmp)  # the rename below must not publish bytes still in flight
+    os.replace(tmp, path)  # atomic: readers see the whole file or nothing
+    if durable:
+        _fsync_dir(path.parent)
     return FileIndex(
         path=path,
-        keys=rows["key"].astype(np.int64),
-        offsets=rows["offset"].astype(np.int64),
-        sizes=rows["size"].astype(np.int64),
-        checksums=rows["checksum"].astype(np.uint64),
-        slots=np.asarray(slots[keep], np.int64).reshape(len(rows), slots.shape[1]),
+        keys=keys,
+        offsets=np.asarray(rows.offsets, np.int64),
+        sizes=np.asarray(rows.sizes, np.int64),
+        checksums=np.asarray(rows.checksums, np.uint64),
+        slots=np.asarray(rows.slots, np.int64).reshape(len(keys), rows.slots.shape[1]),
         schema=schema,
         data_offset=data_offset,
-        compressed=bool(compression),
+        data_bytes=total,
+        compressed=compressed,
         kind=kind,
         sources=tuple(sources),
+        file_bytes=os.stat(path).st_size,
     )
 
 
@@ -234,66 +438,128 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# ------------------------------------------------------------------------------ reading
+
+_COLUMNS = ("key", "offset", "size", "checksum")
+
+
 def read_index(path: Path, *, namespace: str) -> FileIndex:
-    """Load and validate one file's index; CorruptFile when it cannot be trusted."""
+    """Load and validate one file's index.
+
+    CorruptFile when the file cannot be trusted; TransientError (never CorruptFile) when
+    the environment failed (too many open files, no memory, a transient I/O error), and
+    FileNotFoundError when it vanished (merged away meanwhile).
+    """
     try:
-        with h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("cachedata_format") != FORMAT_VERSION:
+        with H5_LOCK, h5py.File(path, "r", locking=False) as f:
+            fmt = f.attrs.get("cachedata_format")
+            if fmt != FORMAT_VERSION:
                 raise CorruptFile(
-                    f"{path}: format {f.attrs.get('cachedata_format')!r}, expected {FORMAT_VERSION}"
+                    f"{path}: format {fmt!r}, expected {FORMAT_VERSION} (written by another cachedata version)"
                 )
             if _text(f.attrs.get("namespace")) != namespace:
                 raise CorruptFile(f"{path}: belongs to namespace {_text(f.attrs.get('namespace'))!r}")
-            for name in ("index", "data"):
-                link = f.get(name, getlink=True)
-                if not isinstance(link, h5py.HardLink):
-                    raise CorruptFile(f"{path}: /{name} is a {type(link).__name__}, refusing links")
-            data = f["data"]
+            data = _dataset(f, path, "data")
             if data.is_virtual or data.external:
                 raise CorruptFile(f"{path}: /data is virtual or external, refusing")
             if data.dtype != np.uint8 or data.ndim != 1:
                 raise CorruptFile(f"{path}: /data has dtype {data.dtype} and {data.ndim} dims")
-            total = data.shape[0]
+            total = int(data.shape[0])
             compressed = data.chunks is not None
             data_offset = None if compressed or total == 0 else data.id.get_offset()
             if not compressed and total and data_offset is None:
                 raise CorruptFile(f"{path}: /data has no storage")
-            index = f["index"]
-            names = index.dtype.names or ()
-            if names[:4] != ("key", "offset", "size", "checksum"):
-                raise CorruptFile(f"{path}: /index has fields {names}")
-            # Field by field: no transient copy of the whole compound table (index memory).
-            cols = {name: index.fields(name)[()] for name in names}
+            group = f.get("index", getlink=True)
+            if not isinstance(group, h5py.HardLink) or not isinstance(f["index"], h5py.Group):
+                raise CorruptFile(f"{path}: /index is not a group")
+            places = {}
+            for name in (*_COLUMNS, "slots"):
+                if name == "slots" and "slots" not in f["index"]:
+                    continue
+                d = _dataset(f, path, f"index/{name}")
+                places[name] = _place(d, path, name)
+            n = places["key"][2][0]
+            if any(p[2][0] != n for p in places.values()):
+                raise CorruptFile(f"{path}: /index columns differ in length")
             schema = _text(f.attrs.get("schema"))
             kind = _text(f.attrs.get("kind"))
             sources = tuple(json.loads(_text(f.attrs.get("sources")) or "[]"))
+            # Small files (and any column HDF5 did not lay out contiguously) are read now.
+            cols: dict[str, np.ndarray | None] = {
+                name: d[()] if n < MAP_INDEX_ROWS or off is None else None
+                for name, (d, off, _shape) in places.items()
+            }
     except (CorruptFile, FileNotFoundError):
         raise
     except Exception as exc:
+        if transient(exc):
+            raise TransientError(getattr(exc, "errno", None) or errno.EIO, f"{path}: {exc}") from exc
         raise CorruptFile(f"{path}: {exc}") from exc
-    offsets = cols["offset"].astype(np.int64, copy=False)
-    sizes = cols["size"].astype(np.int64, copy=False)
-    if len(offsets) and (
-        offsets.min() < 0 or sizes.min() < 0 or int((offsets + sizes).max()) > total or offsets.max() > total
-    ):
-        raise CorruptFile(f"{path}: /index points outside /data ({total} bytes)")
-    n = len(offsets)
-    slots = cols["slots"].astype(np.int64, copy=False) if "slots" in names else np.zeros((n, 0), np.int64)
+    file_bytes = os.stat(path).st_size
+    for name, (_d, off, shape) in places.items():
+        if cols[name] is None:
+            cols[name] = _map(path, off, shape, _column_dtype(name), file_bytes)
+    slots = cols["slots"] if "slots" in cols else np.zeros((n, 0), np.int64)
     if slots.ndim == 1:
         slots = slots[:, None]
+    keys = cols["key"]
+    if n < MAP_INDEX_ROWS:
+        # Cheap for small files; large files are checked where they are used (a bad row fails
+        # its checksum, a row outside /data reads short), which keeps opening at O(1).
+        offsets = cols["offset"].astype(np.int64)
+        sizes = cols["size"].astype(np.int64)
+        if n and (int((cols["offset"] + cols["size"]).max()) > total or offsets.min() < 0 or sizes.min() < 0):
+            raise CorruptFile(f"{path}: /index points outside /data ({total} bytes)")
+        if n > 1 and not bool((keys[1:] > keys[:-1]).all()):
+            raise CorruptFile(f"{path}: /index keys are not unique and ascending")
     return FileIndex(
         path=path,
-        keys=cols["key"].astype(np.int64, copy=False),
-        offsets=offsets,
-        sizes=sizes,
-        checksums=cols["checksum"].astype(np.uint64, copy=False),
+        keys=keys,
+        offsets=cols["offset"],
+        sizes=cols["size"],
+        checksums=cols["checksum"],
         slots=slots,
         schema=schema or "",
         data_offset=data_offset,
+        data_bytes=total,
         compressed=compressed,
         kind=kind or "",
         sources=sources,
+        file_bytes=file_bytes,
     )
+
+
+def _dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
+    link = f.get(name, getlink=True)
+    if not isinstance(link, h5py.HardLink):
+        raise CorruptFile(f"{path}: /{name} is a {type(link).__name__}, refusing links")
+    d = f[name]
+    if not isinstance(d, h5py.Dataset):
+        raise CorruptFile(f"{path}: /{name} is not a dataset")
+    return d
+
+
+def _place(d: h5py.Dataset, path: Path, name: str) -> tuple[h5py.Dataset, int | None, tuple[int, ...]]:
+    """(dataset, file offset when contiguous and mappable, shape) of one index column."""
+    want = _column_dtype(name)
+    if d.dtype != want or d.ndim != (2 if name == "slots" else 1):
+        raise CorruptFile(f"{path}: /index/{name} has dtype {d.dtype} and {d.ndim} dims")
+    off = None
+    if d.chunks is None and not d.is_virtual and not d.external and d.size:
+        off = d.id.get_offset()
+    return d, off, tuple(d.shape)
+
+
+def _column_dtype(name: str) -> np.dtype:
+    return np.dtype("<i8") if name in ("key", "slots") else np.dtype("<u8")
+
+
+def _map(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, file_bytes: int) -> np.ndarray:
+    """A read-only memory map of one index column (shared between processes)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    if offset + nbytes > file_bytes:
+        raise CorruptFile(f"{path}: an /index column lies outside the file")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
 def _text(value: object) -> str | None:
@@ -309,11 +575,12 @@ class Reader:
     out of the map: a copy costs a fraction of a ``preadv`` system call (see MAP_BELOW). Files on network
     filesystems are read with ``os.preadv`` instead (``map_file=False``): a map of a file that
     another node deletes can fault, where a read returns ESTALE. Compressed files go through
-    h5py. All are reopened when the process id changes (after a fork). Holds only what
-    reading needs (the index columns live in cachedata.index).
+    h5py. All are reopened when the process id changes (after a fork).
     """
 
-    __slots__ = ("_dset", "_h5", "_mm", "compressed", "data_offset", "fd", "map_file", "path", "pid", "view")
+    __slots__ = (
+        "_dset", "_h5", "_mm", "compressed", "data_offset", "fd", "map_error", "map_file", "path", "pid", "view",
+    )  # fmt: skip
 
     def __init__(self, fi: FileIndex, *, map_file: bool = False) -> None:
         self.path = fi.path
@@ -322,26 +589,35 @@ class Reader:
         self.map_file = map_file
         self.pid = -1
         self.fd = -1
+        self.map_error: BaseException | None = None  # why the last open could not map the file
         self.view: memoryview | None = None  # the payload bytes (from /data's offset on), mapped
         self._mm: mmap.mmap | None = None
         self._h5: h5py.File | None = None
         self._dset: h5py.Dataset | None = None
 
     def open(self) -> None:
-        """(Re)open in this process (the hot path checks ``pid`` once per batch itself)."""
+        """(Re)open in this process (the hot path checks ``pid`` once per batch itself).
+
+        Raises OSError (ENOENT when merged away, EMFILE when out of descriptors, ...).
+        """
         self.fd = -1
+        self.map_error = None
         self.view = self._mm = None  # a fork parent's map: dropping it unmaps only this copy
         self._h5 = self._dset = None
         if self.compressed:
-            self._h5 = h5py.File(self.path, "r", locking=False)
-            self._dset = self._h5["data"]
+            with H5_LOCK:
+                self._h5 = h5py.File(self.path, "r", locking=False)
+                self._dset = self._h5["data"]
         else:
             self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
             if self.map_file and os.fstat(self.fd).st_size > self.data_offset:
                 try:
                     self._mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
-                except (OSError, ValueError):
-                    self._mm = None  # a filesystem without mmap: preadv still works
+                except (OSError, ValueError) as exc:
+                    # A filesystem without mmap, or out of descriptors (a map keeps a duplicate)
+                    # or address space: preadv still works.
+                    self._mm = None
+                    self.map_error = exc
                 else:
                     self.view = memoryview(self._mm)[self.data_offset :]
         self.pid = os.getpid()
@@ -354,7 +630,8 @@ class Reader:
         if not n:
             return
         if self._dset is not None:
-            buf[:] = self._dset[offset : offset + n].data
+            with H5_LOCK:
+                buf[:] = self._dset[offset : offset + n].data
             return
         if self.view is not None and n < MAP_BELOW:
             src = self.view[offset : offset + n]
@@ -379,7 +656,8 @@ class Reader:
             if self.fd >= 0:
                 os.close(self.fd)
             if self._h5 is not None:
-                self._h5.close()
+                with H5_LOCK:
+                    self._h5.close()
         self.fd = -1
         self.view = self._mm = None
         self._h5 = self._dset = None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .namespace import _progress
+from .namespace import progress_bar
 
 if TYPE_CHECKING:
     from .dataset import CachedDataset
@@ -43,10 +43,7 @@ def missing_positions(ds: CachedDataset) -> np.ndarray:
     positions = np.arange(ds._len, dtype=np.int64)
     base = ds._indices if ds._indices is not None else positions
     keys = base if ds.key is None else np.asarray([ds._key_of(int(b)) for b in base], np.int64)
-    if store.index is None:
-        have = np.zeros(len(keys), bool)
-    else:
-        have = store.index.rows(keys) >= 0
+    have = store.contains(keys)
     if store.pending:
         have |= np.isin(keys, np.fromiter(store.pending.keys(), np.int64, len(store.pending)))
     # One position per key: folds of a Subset may repeat a base index.
@@ -76,7 +73,7 @@ def warm(ds: CachedDataset, *, num_workers: int | None, batch_size: int | None, 
         raise ValueError(
             f"warm(): num_workers must be >= 0 and batch_size >= 1, got {num_workers}, {batch_size}"
         )
-    bar = _progress(len(todo), "cachedata warm", progress and rank == 0)
+    bar = progress_bar(len(todo), "cachedata warm", progress and rank == 0)
     try:
         if len(todo):
             loader = DataLoader(

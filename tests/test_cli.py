@@ -133,7 +133,7 @@ def flip_payload_byte(h5: Path, row: int) -> int:
     """Invert the first payload byte of index row ``row`` (uncompressed file); returns its key."""
     with h5py.File(h5, "r", locking=False) as f:
         start = f["data"].id.get_offset()
-        entry = f["index"][row]
+        entry = {name: f["index"][name][row] for name in ("key", "offset")}
     at = start + int(entry["offset"])
     with open(h5, "r+b") as fh:
         fh.seek(at)

@@ -286,30 +286,31 @@ def test_flush_merge_layout_readable_with_h5py_alone(tmp_path):
     import xxhash
 
     with h5py.File(merged, "r", locking=False) as f:
-        assert f.attrs["cachedata_format"] == 1 and f.attrs["kind"] == "merged"
+        assert f.attrs["cachedata_format"] == 2 and f.attrs["kind"] == "merged"
         assert json.loads(f.attrs["schema"]) == {"t": "tensor", "dtype": "int64", "ndim": 1}
-        index = f["index"][()]
+        index = {name: f["index"][name][()] for name in ("key", "offset", "size", "checksum", "slots")}
         data = f["data"][()]
     assert index["key"].tolist() == list(range(10))
-    for row in index:
-        raw = data[row["offset"] : row["offset"] + row["size"]].tobytes()
-        slots_hash = xxhash.xxh3_64_intdigest(np.asarray(row["slots"], "<i8").tobytes())
-        assert xxhash.xxh3_64_intdigest(raw, seed=int(row["key"]) ^ slots_hash) == row["checksum"]
-        assert np.frombuffer(raw, np.int64).tolist() == list(range(row["slots"][0]))
+    for key, off, size, check, slots in zip(*index.values()):
+        raw = data[off : off + size].tobytes()
+        slots_hash = xxhash.xxh3_64_intdigest(np.asarray(slots, "<i8").tobytes())
+        assert xxhash.xxh3_64_intdigest(raw, seed=int(key) ^ slots_hash) == check
+        assert np.frombuffer(raw, np.int64).tolist() == list(range(slots[0]))
     assert leftovers(tmp_path) == []
     meta = json.loads((ds.path / "meta.json").read_text())
     assert meta["fingerprint"] == ds.fingerprint and meta["versions"]["torch"] == torch.__version__
 
 
-@pytest.mark.parametrize("batch_bytes", [1, 700, 1 << 20])
-def test_merge_copies_in_batches_through_one_buffer_and_drops_a_corrupt_item(
-    tmp_path, monkeypatch, caplog, batch_bytes
-):
-    """merge() reads batches of about _MERGE_BATCH_BYTES into one reused buffer: every item
-    must still land intact, whatever the batch boundaries, and a corrupt one is left out."""
-    from cachedata import namespace
+@pytest.mark.parametrize("copy_file_range", [True, False])
+def test_merge_copies_byte_ranges_and_drops_a_corrupt_item(tmp_path, monkeypatch, caplog, copy_file_range):
+    """merge() moves each source's live byte ranges (copy_file_range, or its read/write
+    fallback): every item must land intact and a corrupt one is left out, with one warning."""
+    from cachedata import storage
 
-    monkeypatch.setattr(namespace, "_MERGE_BATCH_BYTES", batch_bytes)
+    calls = []
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(storage, "USE_COPY_FILE_RANGE", copy_file_range)
     items = [torch.arange(i * 37 % 300 + 1, dtype=torch.int64) * (i + 1) for i in range(40)]
     ds = CachedDataset(ListDataset(items), tmp_path)
     for lo in range(0, 40, 8):  # five shards
@@ -317,7 +318,7 @@ def test_merge_copies_in_batches_through_one_buffer_and_drops_a_corrupt_item(
         ds.flush()
     (shard, *_) = sorted(ds.path.glob("shard-*.h5"))
     with h5py.File(shard, "r", locking=False) as f:
-        row = f["index"][0]
+        row = {name: f["index"][name][0] for name in ("key", "offset")}
         at = int(f["data"].id.get_offset()) + int(row["offset"]) + 3
     with open(shard, "r+b") as fh:  # flip one byte of the shard's first item
         fh.seek(at)
@@ -334,6 +335,8 @@ def test_merge_copies_in_batches_through_one_buffer_and_drops_a_corrupt_item(
         assert_same(fresh[i], items[i])
     assert fresh.stats.misses == 1
     assert leftovers(tmp_path) == []
+    # Five shards of adjacent items: a handful of whole ranges, not one call per item.
+    assert (0 < len(calls) <= 10) if copy_file_range else calls == []
 
 
 class Big(torch.utils.data.Dataset):
@@ -504,7 +507,7 @@ def test_new_namespace_logs_which_attribute_changed(tmp_path, caplog):
 
 def test_shared_filesystem_retires_instead_of_deleting(tmp_path, monkeypatch):
     """On NFS-like folders superseded files stay readable (renamed) for other nodes' readers."""
-    from cachedata import namespace
+    from cachedata import fileset
 
     monkeypatch.setenv("CACHEDATA_SHARED_FS", "1")
     ds = CachedDataset(Ragged(6), tmp_path)
@@ -517,8 +520,8 @@ def test_shared_filesystem_retires_instead_of_deleting(tmp_path, monkeypatch):
         retired = list(ds.path.glob("retired-*"))
         assert len(retired) == 1 and retired[0].name.endswith(shard.name)
         assert os.pread(fd, 8, 0) == retired[0].read_bytes()[:8]
-        assert namespace.sweep(ds.path) == []  # within the grace period
-        assert namespace.sweep(ds.path, retire_seconds=0) == [retired[0].name]
+        assert fileset.sweep(ds.path) == []  # within the grace period
+        assert fileset.sweep(ds.path, retire_seconds=0) == [retired[0].name]
     finally:
         os.close(fd)
     assert [p.name for p in ds.path.glob("*.h5")] == ["merged-000001.h5"]

@@ -125,7 +125,7 @@ def _shard_names_and_merge_while_reading(
         if rank == 0:
             time.sleep(0.3)  # rank 1 is reading by now
             for _ in range(3):
-                ds._store.merge(ds._identity())  # not collective: the other rank keeps reading
+                ds._store.consolidate(ds._identity())  # not collective: the other rank keeps reading
                 ds.__getitems__(list(range(n)))
                 time.sleep(0.1)
         else:

@@ -86,8 +86,8 @@ def test_truncated_file_is_detected_and_recomputed(tmp_path, caplog):
 def _payload_at(path, key: int) -> tuple[int, int]:
     """(file offset, size) of ``key``'s payload in a cache file."""
     with h5py.File(path, "r") as f:
-        (row,) = [r for r in f["index"][:] if int(r["key"]) == key]
-        return f["data"].id.get_offset() + int(row["offset"]), int(row["size"])
+        (row,) = [r for r, k in enumerate(f["index/key"][()]) if int(k) == key]
+        return f["data"].id.get_offset() + int(f["index/offset"][row]), int(f["index/size"][row])
 
 
 @pytest.mark.parametrize("shared_fs", ["0", "1"], ids=["mapped", "preadv"])
@@ -101,7 +101,7 @@ def test_bytes_changed_or_cut_under_an_open_reader_are_caught(tmp_path, monkeypa
     reader = CachedDataset(Ragged(12), tmp_path, transform=add_one)
     for i in range(12):
         assert_same(reader[i], want[i])
-    (opened,) = reader._store.index.readers
+    (opened,) = [seg.reader for seg in reader._store.index.segments]
     assert (opened.view is not None) == (shared_fs == "0"), "local files are mapped, shared ones are not"
     at, size = _payload_at(merged, 5)
     with open(merged, "r+b") as fh:  # in place: a map of the file sees it at once
@@ -282,7 +282,7 @@ def test_two_jobs_on_one_cache_at_once(tmp_path):
     files = sorted(p.name for p in ds.path.glob("*.h5"))
     assert len(files) == 1 and files[0].startswith("merged-")
     with h5py.File(ds.path / files[0], "r", locking=False) as f:
-        keys = f["index"].fields("key")[()]
+        keys = f["index/key"][()]
     assert sorted(keys.tolist()) == list(range(80)), "duplicates dropped"
     assert not (ds.path / "merge.lock").exists() and leftovers(tmp_path) == []
 

@@ -26,7 +26,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachedata.fingerprint import _diff_trees, _fingerprint_tree, fingerprint
+from cachedata.fingerprint import diff_trees, fingerprint, fingerprint_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -487,11 +487,11 @@ def test_torchvision_parameters_change_fingerprint(build: Any) -> None:
 
 
 def test_torchvision_tree_diff_names_the_parameter() -> None:
-    _, old = _fingerprint_tree(_v1(224), root="transform")
-    _, new = _fingerprint_tree(_v1(256), root="transform")
-    assert _diff_trees(old, new) == ["transform.transforms[0].size: 224 -> 256"]
-    _, new_mean = _fingerprint_tree(_v1(mean=0.4), root="transform")
-    assert _diff_trees(old, new_mean) == ["transform.transforms[3].mean: [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]"]
+    old = fingerprint_tree(_v1(224), root="transform").entries
+    new = fingerprint_tree(_v1(256), root="transform").entries
+    assert diff_trees(old, new) == ["transform.transforms[0].size: 224 -> 256"]
+    new_mean = fingerprint_tree(_v1(mean=0.4), root="transform").entries
+    assert diff_trees(old, new_mean) == ["transform.transforms[3].mean: [0.5, 0.5, 0.5] -> [0.4, 0.4, 0.4]"]
 
 
 # --------------------------------------------------------------------- torchaudio
@@ -946,7 +946,8 @@ def test_error_names_the_type() -> None:
 
 def test_tree_digest_matches_fingerprint_and_describes_leaves() -> None:
     value = {"size": [224], "name": "resize", "weights": torch.zeros(100, 100), "big": list(range(100))}
-    digest, tree = _fingerprint_tree(value, root="transform")
+    got = fingerprint_tree(value, root="transform")
+    digest, tree = got.digest, got.entries
     assert digest == fp(value)
     assert tree["transform['size']"] == "[224]"
     assert tree["transform['name']"] == "'resize'"
@@ -957,28 +958,28 @@ def test_tree_digest_matches_fingerprint_and_describes_leaves() -> None:
 
 def test_tree_respects_max_depth_and_truncates() -> None:
     deep = {"a": {"b": {"c": {"d": {"e": 1}}}}, "long": "x" * 500}
-    _, tree = _fingerprint_tree(deep, root="r", max_depth=2)
+    tree = fingerprint_tree(deep, root="r", max_depth=2).entries
     assert all(k.count("[") <= 2 for k in tree)
     assert "r['a']['b']" in tree and "#" in tree["r['a']['b']"]
     assert len(tree["r['long']"]) < 80 and "#" in tree["r['long']"]
-    _, tree0 = _fingerprint_tree(deep, root="r", max_depth=0)
+    tree0 = fingerprint_tree(deep, root="r", max_depth=0).entries
     assert list(tree0) == ["r"]
 
 
 def test_diff_trees_added_removed_changed() -> None:
-    _, old = _fingerprint_tree({"a": 1, "b": 2}, root="t")
-    _, new = _fingerprint_tree({"a": 1, "b": 3, "c": "x"}, root="t")
-    assert _diff_trees(old, new) == ["t['b']: 2 -> 3", "t['c']: (absent) -> 'x'"]
-    assert _diff_trees(new, old) == ["t['b']: 3 -> 2", "t['c']: 'x' -> (absent)"]
-    assert _diff_trees(old, old) == []
+    old = fingerprint_tree({"a": 1, "b": 2}, root="t").entries
+    new = fingerprint_tree({"a": 1, "b": 3, "c": "x"}, root="t").entries
+    assert diff_trees(old, new) == ["t['b']: 2 -> 3", "t['c']: (absent) -> 'x'"]
+    assert diff_trees(new, old) == ["t['b']: 3 -> 2", "t['c']: 'x' -> (absent)"]
+    assert diff_trees(old, old) == []
 
 
 def test_tree_of_function_shows_globals() -> None:
     a = _exec("SIZE = 224\ndef f(x):\n    return x * SIZE\n")["f"]
     b = _exec("SIZE = 256\ndef f(x):\n    return x * SIZE\n")["f"]
-    _, ta = _fingerprint_tree(a, root="transform")
-    _, tb = _fingerprint_tree(b, root="transform")
-    assert _diff_trees(ta, tb) == ["transform.__globals__.SIZE: 224 -> 256"]
+    ta = fingerprint_tree(a, root="transform").entries
+    tb = fingerprint_tree(b, root="transform").entries
+    assert diff_trees(ta, tb) == ["transform.__globals__.SIZE: 224 -> 256"]
 
 
 # ------------------------------------------------------------ across processes
@@ -989,7 +990,7 @@ import torch
 import torchaudio.transforms as AT
 import torchvision.transforms.v2 as T
 from tokenizers import Tokenizer, models, pre_tokenizers
-from cachedata.fingerprint import _fingerprint_tree, fingerprint
+from cachedata.fingerprint import fingerprint, fingerprint_tree
 
 SIZE = 224
 
@@ -1033,7 +1034,7 @@ def tokenizer():
 
 if __name__ == "__main__":
     out = {k: fingerprint(v) for k, v in build().items()}
-    out["tree"] = _fingerprint_tree(build()["tv2"], root="transform")[1]
+    out["tree"] = fingerprint_tree(build()["tv2"], root="transform").entries
     print(json.dumps(out))
 """
 
@@ -1053,7 +1054,7 @@ def test_deterministic_across_processes_and_hash_seeds(tmp_path: Path) -> None:
     # And the same in this process, where the script is an imported module, not __main__.
     module = _import_file(script, "fp_determinism_inproc")
     here: dict[str, Any] = {k: fp(v) for k, v in module.build().items()}
-    here["tree"] = _fingerprint_tree(module.build()["tv2"], root="transform")[1]
+    here["tree"] = fingerprint_tree(module.build()["tv2"], root="transform").entries
     assert here == outputs[0]
     assert len(outputs[0]["tree"]) > 10
 

@@ -76,14 +76,25 @@ def test_num_workers_zero_and_getitems_is_the_batched_path(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_namespace_merges_on_its_own_once_complete(tmp_path):
+def test_workers_merge_shards_in_the_background(tmp_path, monkeypatch):
+    from cachedata import compaction, fileset
+
+    monkeypatch.setattr(fileset, "SHARD_LIMIT", 4)  # forked workers inherit it
+    monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
     ds = CachedDataset(Ragged(N), tmp_path, transform=LogCalls(tmp_path / "log"))
-    loader = DataLoader(ds, batch_size=6, num_workers=2, collate_fn=identity_batch)
+    loader = DataLoader(
+        ds, batch_size=3, num_workers=2, collate_fn=identity_batch, multiprocessing_context="fork"
+    )
     _epoch(loader)
-    assert len(list(ds.path.glob("shard-*.h5"))) >= 2
-    _epoch(loader)  # the next epoch's len() sees a complete namespace: rank 0 merges
-    assert sorted(p.name for p in ds.path.glob("*.h5")) == ["merged-000001.h5"]
+    names = sorted(p.name for p in ds.path.glob("*.h5"))
+    assert any(n.startswith("run-") for n in names) and sum(n.startswith("shard-") for n in names) < 4 + 2, (
+        names
+    )
+    _epoch(loader)  # all hits
     assert count_calls(tmp_path / "log") == N
+    ds.merge()  # an explicit merge takes in the background runs: one file
+    files = sorted(p.name for p in ds.path.glob("*.h5"))
+    assert len(files) == 1 and files[0].startswith("merged-"), files
 
 
 def _reader(path: str, n: int, log: str, seconds: float, queue) -> None:
@@ -119,7 +130,7 @@ def test_reader_in_another_process_keeps_working_across_merges(tmp_path, start_m
     time.sleep(1.0 if start_method == "fork" else 2.5)
     for _ in range(3):  # merge repeatedly while the other process reads
         [ds[i] for i in range(N)]
-        ds._store.merge(ds._identity())
+        ds._store.consolidate(ds._identity())
         time.sleep(0.2)
     reads, wrong, misses = q.get(timeout=120)
     proc.join(60)

@@ -1,0 +1,364 @@
+"""Storage at training sizes: a 10 GiB cache, growth, merge speed, index memory, fragmentation.
+
+Every figure is a ratio measured in this run (or a per-item cost), so a noisy machine moves
+both sides alike. Cases:
+
+1. a cache of ``--gib`` GiB of 1 MiB items through ``DataLoader(num_workers=2, batch_size=16)``:
+   epoch 1 (cold), the first ``len()`` of epoch 2 (must not wait for consolidation), and the
+   warm epoch; the file count at the end of each;
+2. 20 growth steps of 5% (each ended by ``merge()``): bytes written over the final size;
+3. merge throughput (MB/s) against ``cp`` of the same files;
+4. private memory per item of the shared index at 1M and 10M items (``key=None`` and
+   ``key=str``), in a fresh process and in spawned workers, and the time to open it;
+5. warm items/s after 1,000+ batches were written by workers (background-merged), against
+   the same items in one merged file.
+
+Run from the repository root: ``.venv/bin/python benchmarks/bench_scale.py`` (about 10
+minutes on 2 CPUs), ``--quick`` for 1 GiB and 1M items (about 2 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
+MIB = 1 << 20
+
+
+class Blobs:
+    """``n`` distinct float32 items of ``nbytes`` each, made cheaply (no real transform)."""
+
+    def __init__(self, n: int, nbytes: int = MIB) -> None:
+        self.n = n
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import torch
+
+        return torch.full((self.nbytes // 4,), float(i), dtype=torch.float32)
+
+
+class Small:
+    """``n`` tiny int64 items (for index-size measurements)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import numpy as np
+
+        return np.asarray([i], np.int64)
+
+
+def _first(batch):
+    return len(batch)
+
+
+def _files(path: Path) -> int:
+    return sum(1 for p in path.glob("*.h5"))
+
+
+def _written(path: Path, seen: dict[str, int]) -> int:
+    for p in path.glob("*.h5"):
+        seen.setdefault(p.name, p.stat().st_size)
+    return sum(seen.values())
+
+
+def case_big_cache(root: Path, gib: float) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from cachedata import CachedDataset
+
+    n = int(gib * 1024)
+    ds = CachedDataset(Blobs(n), root / "big")
+    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=_first, shuffle=True,
+                        persistent_workers=True)  # fmt: skip
+    t0 = time.perf_counter()
+    _common.epoch(loader)
+    cold = time.perf_counter() - t0
+    files_cold = _files(ds.path)
+    t0 = time.perf_counter()
+    len(ds)
+    first_len = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _common.epoch(loader)
+    warm = time.perf_counter() - t0
+    files_warm = _files(ds.path)
+    misses = ds.stats.misses
+    del loader
+    t0 = time.perf_counter()
+    ds.merge()
+    merge_s = time.perf_counter() - t0
+    return {
+        "items": n,
+        "gib": gib,
+        "cold_epoch_s": cold,
+        "cold_gb_per_s": gib * 1.073741824 / cold,
+        "first_len_ms": first_len * 1e3,
+        "warm_epoch_s": warm,
+        "warm_items_per_s": n / warm,
+        "warm_over_cold": warm / cold,
+        "files_after_cold": files_cold,
+        "files_after_warm": files_warm,
+        "misses": misses,
+        "final_merge_s": merge_s,
+    }
+
+
+def case_growth(root: Path, steps: int = 20, base_items: int = 400) -> dict[str, Any]:
+    from cachedata import CachedDataset
+
+    step = base_items // 20
+    n = base_items + steps * step
+    ds = CachedDataset(Blobs(n, 256 * 1024), root / "growth")
+    seen: dict[str, int] = {}
+    ds.__getitems__(list(range(base_items)))
+    ds.flush()
+    _written(ds.path, seen)
+    ds.merge()
+    base_written = _written(ds.path, seen)
+    base_size = sum(p.stat().st_size for p in ds.path.glob("*.h5"))
+    per_step = []  # bytes written by each step over the cache's size before it
+    for k in range(steps):
+        size = sum(p.stat().st_size for p in ds.path.glob("*.h5"))
+        before = _written(ds.path, seen)
+        lo = base_items + k * step
+        ds.__getitems__(list(range(lo, lo + step)))
+        ds.flush()
+        _written(ds.path, seen)
+        ds.merge()
+        per_step.append((_written(ds.path, seen) - before) / size)
+    final = sum(p.stat().st_size for p in ds.path.glob("*.h5"))
+    return {
+        "steps": steps,
+        "base_bytes": base_size,
+        "first_step_written_over_size": per_step[0],
+        "max_step_written_over_size": max(per_step),
+        "total_written_over_final": _written(ds.path, seen) / final,
+        "after_base_written_over_final": (_written(ds.path, seen) - base_written) / final,
+        "files": _files(ds.path),
+    }
+
+
+def case_merge_vs_cp(root: Path, gib: float) -> dict[str, Any]:
+    from cachedata import CachedDataset
+
+    n = max(64, int(gib * 1024))
+    ds = CachedDataset(Blobs(n), root / "merge")
+    for lo in range(0, n, 64):
+        ds.__getitems__(list(range(lo, min(n, lo + 64))))
+        ds._store.buffer.write()  # shards only: no background merge in between
+    shards = sorted(ds.path.glob("shard-*.h5"))
+    nbytes = sum(p.stat().st_size for p in shards)
+    copy_dir = root / "cp"
+    copy_dir.mkdir()
+    t0 = time.perf_counter()
+    subprocess.run(["cp", *map(str, shards), str(copy_dir)], check=True)
+    subprocess.run(["sync", "-f", str(copy_dir)], check=False)
+    cp_s = time.perf_counter() - t0
+    shutil.rmtree(copy_dir)
+    t0 = time.perf_counter()
+    ds.merge()
+    merge_s = time.perf_counter() - t0
+    return {
+        "bytes": nbytes,
+        "cp_mb_per_s": nbytes / MIB / cp_s,
+        "merge_mb_per_s": nbytes / MIB / merge_s,
+        "merge_over_cp": cp_s / merge_s,
+        "files_after": _files(ds.path),
+    }
+
+
+_INDEX_PROBE = """
+import gc, os, sys, time, json
+sys.path.insert(0, {here!r})
+import numpy as np, psutil
+from bench_scale import Small
+from cachedata import CachedDataset
+key = None if {mode!r} == "index" else (lambda i: f"k{{i}}")
+gc.collect()
+before = psutil.Process().memory_full_info().uss
+t0 = time.perf_counter()
+ds = CachedDataset(Small({n}), {cache!r}, key=key)
+ds._store.refresh()
+opened = time.perf_counter() - t0
+probe = np.random.default_rng(0).integers(0, {n}, 512).tolist()
+for _ in range(20):
+    ds.__getitems__(probe)
+assert ds.stats.misses == 0, ds.stats
+after = psutil.Process().memory_full_info().uss
+print(json.dumps({{"open_s": opened, "private_bytes_per_item": (after - before) / {n}}}))
+"""
+
+
+def _build_small(root: Path, n: int, mode: str) -> Path:
+    import numpy as np
+
+    from cachedata import CachedDataset
+    from cachedata.storage import checksum, write_file
+
+    key = None if mode == "index" else (lambda i: f"k{i}")
+    ds = CachedDataset(Small(n), root / f"idx-{mode}-{n}", key=key)
+    ds[0]
+    ds.flush()  # fixes the schema
+    keys = np.arange(n, dtype=np.int64) if key is None else np.sort([ds._key_of(i) for i in range(n)])
+    payload = np.zeros(8, np.uint8)
+    sums = np.asarray([checksum(int(k), payload, [1]) for k in keys], np.uint64)
+    write_file(
+        ds.path / "merged-000900.h5", kind="merged", namespace=ds.fingerprint, schema=ds._store.schema_text,
+        keys=keys, sizes=np.full(n, 8), checksums=sums, slots=np.ones((n, 1), np.int64),
+        payloads=(np.asarray([int(k_) for k_ in [i]], np.int64).view(np.uint8) for i in range(n)),
+        compression=None,
+    )  # fmt: skip
+    for p in ds.path.glob("shard-*"):
+        p.unlink()
+    return root / f"idx-{mode}-{n}"
+
+
+def case_index(root: Path, sizes: list[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    here = str(Path(__file__).resolve().parent)
+    for n in sizes:
+        for mode in ("index", "str"):
+            cache = _build_small(root, n, mode)
+            code = _INDEX_PROBE.format(here=here, mode=mode, n=n, cache=str(cache))
+            res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+            if res.returncode:
+                out[f"{mode}_{n}"] = {"error": res.stderr[-500:]}
+                continue
+            out[f"{mode}_{n}"] = __import__("json").loads(res.stdout.strip().splitlines()[-1])
+            shutil.rmtree(cache)
+    return out
+
+
+def case_fragmented(root: Path, n: int) -> dict[str, Any]:
+    from torch.utils.data import DataLoader
+
+    from cachedata import CachedDataset
+
+    ds = CachedDataset(Blobs(n, 4096), root / "frag")
+    loader = DataLoader(ds, batch_size=8, num_workers=2, collate_fn=_first)
+    batches = sum(1 for _ in loader)
+    files = _files(ds.path)
+    fresh = CachedDataset(Blobs(n, 4096), root / "frag")
+    read = DataLoader(fresh, batch_size=64, num_workers=0, collate_fn=_first)
+    merged_dir = root / "frag-merged"
+    shutil.copytree(root / "frag", merged_dir)
+    one = CachedDataset(Blobs(n, 4096), merged_dir)
+    one.merge(full=True)
+    one = CachedDataset(Blobs(n, 4096), merged_dir)
+    read_one = DataLoader(one, batch_size=64, num_workers=0, collate_fn=_first)
+    _common.epoch(read), _common.epoch(read_one)
+    times = _common.interleaved(
+        {"written": lambda: _common.epoch(read), "merged": lambda: _common.epoch(read_one)}, 5
+    )
+    ratios = [m / w for w, m in zip(times["written"], times["merged"])]
+    return {
+        "batches_written": batches,
+        "files": files,
+        "written_items_per_s": n / _common.summary(times["written"])["median"],
+        "merged_items_per_s": n / _common.summary(times["merged"])["median"],
+        "ratio": _common.summary(ratios)["median"],
+        "misses": fresh.stats.misses,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 GiB and 1M index items (about 2 minutes)")
+    parser.add_argument("--gib", type=float, default=None, help="size of the big cache (default 10, quick 1)")
+    parser.add_argument("--cases", default="1,2,3,4,5")
+    parser.add_argument("--tmp", default=None, help="where caches go (needs about 2.5x --gib free)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "scale.json"))
+    args = parser.parse_args()
+    gib = args.gib or (1.0 if args.quick else 10.0)
+    cases = {int(c) for c in args.cases.split(",")}
+    root = _common.make_tmp(args.tmp, "scale")
+    results: dict[str, Any] = {"machine": _common.machine(), "gib": gib}
+    try:
+        if 1 in cases:
+            results["big_cache"] = case_big_cache(root, gib)
+            shutil.rmtree(root / "big", ignore_errors=True)
+            print("big cache", results["big_cache"], flush=True)
+        if 2 in cases:
+            results["growth"] = case_growth(root)
+            print("growth", results["growth"], flush=True)
+        if 3 in cases:
+            results["merge_vs_cp"] = case_merge_vs_cp(root, min(gib, 2.0))
+            print("merge vs cp", results["merge_vs_cp"], flush=True)
+        if 4 in cases:
+            results["index"] = case_index(root, [1_000_000] if args.quick else [1_000_000, 10_000_000])
+            print("index", results["index"], flush=True)
+        if 5 in cases:
+            results["fragmented"] = case_fragmented(root, 8 * 1000 * 2 if not args.quick else 8 * 1000)
+            print("fragmented", results["fragmented"], flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    _common.write_json(args.out, results)
+    print(render(results))
+    return 0
+
+
+def render(r: dict[str, Any]) -> str:
+    """The README's "At scale" table."""
+    rows = []
+    if "big_cache" in r:
+        b = r["big_cache"]
+        rows += [
+            (f"{b['gib']:g} GiB cache, 1 MiB items, 2 workers: cold epoch", f"{b['cold_gb_per_s']:.2f} GB/s, {b['files_after_cold']} files"),
+            ("first len() of epoch 2", f"{b['first_len_ms']:.1f} ms"),
+            ("warm epoch", f"{b['warm_items_per_s']:.0f} items/s ({b['warm_over_cold']:.2f}x the cold time), {b['files_after_warm']} files"),
+        ]  # fmt: skip
+    if "growth" in r:
+        g = r["growth"]
+        rows += [
+            ("first 5% step: written / cache size", f"{g['first_step_written_over_size']:.2f}"),
+            (
+                f"{g['steps']} steps of 5%: written in all / final size",
+                f"{g['total_written_over_final']:.2f}",
+            ),
+        ]
+    if "merge_vs_cp" in r:
+        m = r["merge_vs_cp"]
+        rows.append(
+            (
+                "merge vs cp",
+                f"{m['merge_mb_per_s']:.0f} vs {m['cp_mb_per_s']:.0f} MB/s ({m['merge_over_cp']:.2f}x)",
+            )
+        )
+    for k, v in r.get("index", {}).items():
+        if "private_bytes_per_item" in v:
+            rows.append(
+                (
+                    f"index {k}: private bytes/item, open",
+                    f"{v['private_bytes_per_item']:.2f} B, {v['open_s'] * 1e3:.0f} ms",
+                )
+            )
+    if "fragmented" in r:
+        f = r["fragmented"]
+        rows.append(
+            (
+                f"{f['batches_written']} batches written by 2 workers ({f['files']} files) vs one file",
+                f"{f['ratio']:.2f}x",
+            )
+        )
+    width = max(len(a) for a, _ in rows) if rows else 10
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

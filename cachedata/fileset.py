@@ -1,0 +1,404 @@
+"""The set of files in one namespace folder: their names, their levels, and what to merge next.
+
+Folder layout (format version 2)::
+
+    <cache_dir>/<fingerprint>/
+        meta.json                       what produced the namespace (written once)
+        schema.json                     the item structure, fixed by the first stored item
+        last_used                       its mtime records the last use (touched hourly at most)
+        shard-r<rank>-w<worker>-p<pid>-<token>-<seq>.h5   sealed per-process shards
+        merged-<generation>.h5          runs written by an explicit merge (or holding one)
+        run-<generation>.h5             runs written by background merges
+        merge.lock                      held while a process merges
+        .tmp-<host>-<pid>-<hex>-<name>  files being written (renamed into place when complete)
+        retired-<ns>-<name>             superseded files kept a while for readers on other nodes
+
+Runs (merged and run files alike) are kept in size tiers (a size-tiered log-structured layout): a tier holds runs whose
+size is within a factor ``FANOUT`` of each other, and ``FANOUT`` runs of one tier are merged
+into one run of the next. New items therefore never rewrite the big old runs, each byte is
+rewritten about once per tier it climbs, and a reader needs at most about
+``SHARD_LIMIT + (FANOUT - 1) * tiers`` files. Everything here is plain file-system work,
+usable without torch.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_RE = re.compile(r"^shard-r(\d+)-w(\w+)-p(\d+)-([0-9a-f]+)-(\d+)\.h5$")
+RUN_RE = re.compile(r"^(merged|run)-(\d+)\.h5$")
+RETIRED_RE = re.compile(r"^retired-(\d+)-")
+TMP_RE = re.compile(r"^\.tmp-(.+?)-(\d+)-[0-9a-f]{8}-")
+LOCK_NAME = "merge.lock"
+
+#: Shards (unmerged files) that trigger a background merge into one run.
+SHARD_LIMIT = 16
+#: Runs of one tier that are merged into one run of the next tier.
+FANOUT = 8
+#: Runs up to this many bytes share the lowest tier; tier t holds runs up to TIER_BASE * FANOUT**t.
+TIER_BASE = 64 * 1024
+#: Superseded files stay (renamed) this long, in seconds, on network filesystems.
+RETIRE_SECONDS = 600.0
+#: A merge lock older than this (seconds) whose owner cannot be checked is considered stale.
+LOCK_STALE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One shard or run as listed: its name and size in bytes."""
+
+    name: str
+    size: int
+
+    @property
+    def is_shard(self) -> bool:
+        return self.name.startswith("shard-")
+
+    @property
+    def is_background_run(self) -> bool:
+        """A run made by a background merge: new items that no explicit merge took in yet."""
+        return self.name.startswith("run-")
+
+    @property
+    def generation(self) -> int:
+        m = RUN_RE.match(self.name)
+        return int(m.group(2)) if m else 0
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The data files of a namespace at one moment (symbolic links left out)."""
+
+    shards: tuple[DataFile, ...]
+    runs: tuple[DataFile, ...]  # oldest generation first
+    links: tuple[str, ...]  # symbolic links named like data files (never created by cachedata)
+
+    @property
+    def files(self) -> tuple[DataFile, ...]:
+        return self.runs + self.shards
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.files)
+
+    def next_generation(self) -> int:
+        return max((r.generation for r in self.runs), default=0) + 1
+
+
+class ListingError(OSError):
+    """The folder could not be listed for a transient reason (too many open files, ...)."""
+
+
+def is_data_file(name: str) -> bool:
+    return bool(SHARD_RE.match(name) or RUN_RE.match(name))
+
+
+def list_files(folder: Path) -> Listing:
+    """One directory scan: shards, runs (by generation) and stray links; empty when missing."""
+    shards: list[DataFile] = []
+    runs: list[tuple[int, DataFile]] = []
+    links: list[str] = []
+    try:
+        with os.scandir(folder) as it:
+            for e in it:
+                name = e.name
+                if not is_data_file(name):
+                    continue
+                if e.is_symlink():
+                    links.append(name)  # data files are only ever created in place
+                    continue
+                try:
+                    size = e.stat(follow_symlinks=False).st_size
+                except FileNotFoundError:
+                    continue  # merged away while we looked
+                if name.startswith("shard-"):
+                    shards.append(DataFile(name, size))
+                else:
+                    runs.append((int(RUN_RE.match(name).group(2)), DataFile(name, size)))
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        if exc.errno in (
+            errno.EMFILE,
+            errno.ENFILE,
+            errno.ENOMEM,
+            errno.EINTR,
+            errno.EAGAIN,
+            errno.EIO,
+            errno.ESTALE,
+        ):
+            raise ListingError(exc.errno, f"cannot list {folder}: {exc.strerror}") from exc
+        raise
+    return Listing(
+        tuple(sorted(shards, key=lambda f: f.name)), tuple(f for _, f in sorted(runs)), tuple(sorted(links))
+    )
+
+
+def merged_name(generation: int, *, background: bool = False) -> str:
+    """``merged-<generation>.h5``, or ``run-<generation>.h5`` for a background merge's output."""
+    return f"{'run' if background else 'merged'}-{generation:06d}.h5"
+
+
+def tier(size: int) -> int:
+    """The size tier of a run of ``size`` bytes (0 up to TIER_BASE, then one per FANOUT)."""
+    if size <= TIER_BASE:
+        return 0
+    return 1 + int(math.log(size / TIER_BASE, FANOUT))
+
+
+def plan(listing: Listing, *, everything: bool = False, explicit: bool = False) -> list[DataFile]:
+    """The files to merge next into one run, or [] when the layout is within its bounds.
+
+    - ``everything``: all files into one (``cachedata merge --full``).
+    - ``explicit`` (``merge()``, the end of ``warm()``, ``cachedata merge``): every item
+      written since the last explicit merge (shards and background runs) into one file,
+      together with older merged files no bigger than that pile (a binary counter: a byte is
+      rewritten about log2(steps) times), so that duplicates written by two jobs meet; a
+      big old file is left alone, so a few new items never rewrite it.
+    - otherwise (background): SHARD_LIMIT shards into one run; FANOUT runs of one tier
+      into one run of the next.
+    """
+    if everything:
+        files = list(listing.files)
+        return (
+            files if len(files) > 1 or (files and (files[0].is_shard or files[0].is_background_run)) else []
+        )
+    shards = list(listing.shards)
+    if explicit:
+        pile = shards + [r for r in listing.runs if r.is_background_run]
+        if not pile:
+            return []
+        total = sum(f.size for f in pile)
+        for run in sorted((r for r in listing.runs if not r.is_background_run), key=lambda f: f.size):
+            if run.size > total:
+                break
+            pile.append(run)
+            total += run.size
+        return pile if len(pile) > 1 or pile[0].is_shard or pile[0].is_background_run else []
+    if len(shards) >= SHARD_LIMIT:
+        return shards
+    by_tier: dict[int, list[DataFile]] = {}
+    for run in listing.runs:
+        by_tier.setdefault(tier(run.size), []).append(run)
+    for t in sorted(by_tier):
+        if len(by_tier[t]) >= FANOUT:
+            return by_tier[t]
+    return []
+
+
+def output_name(files: list[DataFile], generation: int, *, explicit: bool) -> str:
+    """The merged file's name: a background run only when nothing explicit went into it."""
+    background = not explicit and all(f.is_shard or f.is_background_run for f in files)
+    return merged_name(generation, background=background)
+
+
+# ----------------------------------------------------------------------- names of temporaries
+
+
+def tmp_name(final: str) -> str:
+    """The temporary name a file is written under before ``os.replace`` publishes it.
+
+    It names the host and pid, so that ``sweep`` can tell a dead writer's leftovers from a
+    live writer's file (``TMP_RE`` parses it back).
+    """
+    return f".tmp-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}-{final}"
+
+
+def create_once(path: Path, text: str) -> None:
+    """Create ``path`` with ``text`` unless it exists (FileExistsError), atomically.
+
+    A hard link of a complete temporary file is atomic and exclusive, also on NFS.
+    """
+    tmp = path.with_name(tmp_name(path.name))
+    tmp.write_text(text, encoding="utf-8")
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically (a temporary name, then ``os.replace``)."""
+    tmp = path.with_name(tmp_name(path.name))
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------------ retiring and sweeping
+
+#: Filesystem types where another machine may hold a file open (checked in /proc/self/mounts).
+_NETWORK_FS = (
+    "nfs",
+    "nfs4",
+    "cifs",
+    "smb3",
+    "smbfs",
+    "lustre",
+    "gpfs",
+    "beegfs",
+    "ceph",
+    "glusterfs",
+    "9p",
+    "fuse",
+)
+
+
+def shared_filesystem(path: Path) -> bool:
+    """True when ``path`` lives on a network filesystem (or CACHEDATA_SHARED_FS=1 says so)."""
+    forced = os.environ.get("CACHEDATA_SHARED_FS")
+    if forced is not None:
+        return forced not in ("", "0", "false", "no")
+    try:
+        real = os.path.realpath(path)
+        best, fstype = "", ""
+        with open("/proc/self/mounts") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) >= len(best):
+                        best, fstype = parts[1], parts[2]
+    except OSError:
+        return False
+    return fstype.startswith(_NETWORK_FS)
+
+
+def retire(folder: Path, names: set[str]) -> None:
+    """Take superseded files out of the listing without pulling them from under readers.
+
+    Locally an unlinked file stays readable through descriptors and maps already open. On
+    NFS another client's open file must still exist (or its reads fail with ESTALE), so it
+    is renamed and deleted by a later ``sweep`` once older than RETIRE_SECONDS.
+    """
+    stamp = time.time_ns()
+    keep = shared_filesystem(folder)
+    for name in names:
+        try:
+            if keep:
+                os.replace(folder / name, folder / f"retired-{stamp}-{name}")
+            else:
+                os.unlink(folder / name)
+        except FileNotFoundError:
+            pass
+    sweep(folder)
+
+
+def sweep(folder: Path, *, retire_seconds: float = RETIRE_SECONDS) -> list[str]:
+    """Delete retired files past their grace period and temporary files of dead writers."""
+    removed = []
+    now = time.time()
+    host = socket.gethostname()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for e in entries:
+        m = RETIRED_RE.match(e.name)
+        dead = False
+        if m:
+            dead = now - int(m.group(1)) / 1e9 > retire_seconds
+        else:
+            t = TMP_RE.match(e.name)
+            if t:
+                try:
+                    age = now - e.stat().st_mtime
+                except OSError:
+                    continue
+                same_host = t.group(1) == host
+                dead = (same_host and not alive(int(t.group(2)))) or age > LOCK_STALE_SECONDS
+        if dead:
+            try:
+                os.unlink(e.path)
+                removed.append(e.name)
+            except OSError:
+                pass
+    return removed
+
+
+def alive(pid: int) -> bool:
+    """True when a process with this id exists on this host (or we may not signal it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+# ------------------------------------------------------------------------------ the merge lock
+
+
+def acquire(folder: Path, *, wait: float) -> bool:
+    """Take the namespace's merge lock: one merge at a time per namespace, across processes
+    and hosts. False on timeout."""
+    return acquire_lock(folder / LOCK_NAME, wait=wait)
+
+
+def acquire_lock(lock: Path, *, wait: float) -> bool:
+    """Take a lock file (exclusively created, naming its owner); a dead owner's lock is broken.
+
+    False when another live process still holds it after ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()})
+    while True:
+        try:
+            create_once(lock, me)
+            return True
+        except FileExistsError:
+            if lock_stale(lock):
+                lock.unlink(missing_ok=True)
+                continue
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def lock_stale(lock: Path) -> bool:
+    """A lock whose owner died on this host, or older than LOCK_STALE_SECONDS, may be broken."""
+    try:
+        owner = json.loads(lock.read_text())
+        age = time.time() - lock.stat().st_mtime
+    except (OSError, ValueError):
+        return False
+    if not isinstance(owner, dict):
+        return age > LOCK_STALE_SECONDS
+    if owner.get("host") == socket.gethostname():
+        try:
+            return not alive(int(owner.get("pid", -1)))
+        except (TypeError, ValueError):
+            return age > LOCK_STALE_SECONDS
+    return age > LOCK_STALE_SECONDS
+
+
+def locked(folder: Path) -> bool:
+    """True while a live process holds the merge lock."""
+    lock = folder / LOCK_NAME
+    return lock.exists() and not lock_stale(lock)
+
+
+def release(folder: Path) -> None:
+    """Drop the merge lock if this process holds it."""
+    release_lock(folder / LOCK_NAME)
+
+
+def release_lock(lock: Path) -> None:
+    """Remove a lock file if this process holds it."""
+    try:
+        owner = json.loads(lock.read_text())
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            lock.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass

@@ -4,6 +4,7 @@
 # from requirements-dev.txt like .ci/setup.sh builds .venv (the first run downloads torch per
 # version). Not part of .ci/run (that stays the README's one test command, under 10 minutes).
 #   bash .ci/pythons.sh [pytest args...]    e.g.  bash .ci/pythons.sh tests/test_dataset.py -x
+#   CACHEDATA_PYTHONS="3.10 3.13" bash .ci/pythons.sh    only these versions
 # Prints one line per version and exits 1 if any version failed (0 if none was found).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ args=("$@")
 [ ${#args[@]} -eq 0 ] && args=(-m "not slow")
 failed=0
 ran=()
-for v in 3.10 3.11 3.12 3.13; do
+for v in ${CACHEDATA_PYTHONS:-3.10 3.11 3.12 3.13}; do
   py=""
   if command -v pyenv >/dev/null 2>&1; then
     prefix=$(pyenv prefix "$(pyenv versions --bare | grep -E "^${v//./\\.}(\.[0-9]+)?$" | tail -1)" 2>/dev/null || true)

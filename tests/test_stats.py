@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,34 +35,64 @@ def test_counters_add_every_field_to_its_own_column():
     }
 
 
+_DYING = """
+import os, signal
+from helpers import LogCalls
+
+
 class LogThenDie(LogCalls):
-    """LogCalls, except that the process asked for ``die_on`` kills itself (before logging it)."""
-
-    def __init__(self, log: str, die_on: str) -> None:
-        super().__init__(log)
-        self.die_on = die_on
-
+    # LogCalls, except that the process asked for item-29 kills itself (before logging it).
     def __call__(self, item):
-        if item["name"] == self.die_on:
+        if item["name"] == "item-29":
             os.kill(os.getpid(), signal.SIGKILL)
         return super().__call__(item)
+"""
+
+_KILLED_MID_BATCH = """
+import json, os, sys
+sys.path[:0] = [{tests!r}, {here!r}]  # spawned workers get the same sys.path
+from dying import LogThenDie
+from helpers import Ragged, identity_batch
+from torch.utils.data import DataLoader
+from cachedata import CachedDataset
+
+ds = CachedDataset(Ragged(40), {cache!r}, transform=LogThenDie({log!r}))
+loader = DataLoader(ds, batch_size=8, num_workers=1, collate_fn=identity_batch,
+                    multiprocessing_context={start!r})
+try:
+    for _ in loader:
+        pass
+    died = False
+except RuntimeError as exc:
+    died = "DataLoader worker" in str(exc)
+print(json.dumps({{"died": died, "misses": ds.stats.misses}}), flush=True)
+os._exit(0)  # past the dead worker's SIGCHLD: nothing else to do here
+"""
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_a_worker_killed_mid_batch_has_counted_every_call_it_made(tmp_path, start_method):
-    """Misses are counted as they are computed, not at the end of the batch."""
+    """Misses are counted as they are computed, not at the end of the batch.
+
+    In a subprocess: the DataLoader's SIGCHLD handler reports the killed worker
+    asynchronously, which must not reach the test runner.
+    """
     log = tmp_path / "log"
-    ds = CachedDataset(Ragged(40), tmp_path / "c", transform=LogThenDie(str(log), die_on="item-29"))
-    loader = DataLoader(
-        ds, batch_size=8, num_workers=1, collate_fn=identity_batch, multiprocessing_context=start_method
+    (tmp_path / "dying.py").write_text(_DYING)
+    script = _KILLED_MID_BATCH.format(
+        tests=str(Path(__file__).resolve().parent),
+        here=str(tmp_path),
+        cache=str(tmp_path / "c"),
+        log=str(log),
+        start=start_method,
     )
-    with pytest.raises(RuntimeError, match="DataLoader worker"):
-        for _ in loader:
-            pass
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["died"], proc.stderr
     calls = count_calls(log)
     assert calls == 29  # items 0..28: the batch 24..31 died at its 6th item
-    assert ds.stats.misses == calls
+    assert got["misses"] == calls
 
 
 def _rank(rank: int, ds: CachedDataset, out: str, worker_start: str) -> None:

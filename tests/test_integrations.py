@@ -37,8 +37,6 @@ def _data_files(cache: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- Lightning
 
-pytest.importorskip("lightning")
-
 LIGHTNING_ITEMS = 48
 
 
@@ -53,6 +51,7 @@ LIGHTNING_ITEMS = 48
     ],
 )
 def test_lightning_datamodule(tmp_path, strategy, devices, build_in):
+    pytest.importorskip("lightning")
     log, report = tmp_path / "calls.log", tmp_path / "stats.json"
     out = _run(
         "lightning_datamodule.py",

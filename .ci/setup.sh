@@ -2,7 +2,7 @@
 # Builds (or reuses) the project-local virtual environment .venv.
 # Idempotent: a stamp of the requirement files makes a second run take a moment.
 # --bench: also install the optional benchmark peers (requirements-bench.txt: MONAI,
-# Hugging Face datasets, matplotlib) on top, for benchmarks/bench_peers.py. CI does not.
+# Hugging Face datasets, litdata, Mosaic streaming, matplotlib) on top, for benchmarks/bench_peers.py. CI does not.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=0
@@ -23,6 +23,7 @@ if ! { [ -x .venv/bin/python ] && [ "$(cat .venv/.cachedata-stamp 2>/dev/null)" 
   quiet .venv/bin/python -m pip install -r requirements-dev.txt
   quiet .venv/bin/python -m pip install --no-deps --no-build-isolation -e .
   .venv/bin/python -c "import cachedata, torch, torchvision, torchaudio, h5py, xxhash, soundfile, tokenizers"
+  .venv/bin/python -c "import lightning, transformers, accelerate, torchdata"
   echo "$stamp_src" > .venv/.cachedata-stamp
   echo ".venv is ready" >&2
 fi
@@ -31,7 +32,9 @@ if [ "$bench" = 1 ]; then
   if [ "$(cat .venv/.cachedata-bench-stamp 2>/dev/null)" != "$bench_stamp" ]; then
     echo "installing the benchmark peers (requirements-bench.txt) into .venv" >&2
     quiet .venv/bin/python -m pip install -r requirements-bench.txt
-    .venv/bin/python -c "import monai, datasets, matplotlib"
+    # Its metadata pins numpy<2.2, xxhash<4, transformers<5; local folders work with ours.
+    quiet .venv/bin/python -m pip install --no-deps mosaicml-streaming==0.13.0
+    .venv/bin/python -c "import monai, datasets, matplotlib, litdata, streaming"
     echo "$bench_stamp" > .venv/.cachedata-bench-stamp
     echo "benchmark peers are ready" >&2
   fi

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 from _common import reset_hwm, rss, vm_hwm
 
-from cachedata import CachedDataset
+from cachedata import CachedCollate, CachedDataset
 
 BATCH = 64
 FORK = multiprocessing.get_context("fork")
@@ -353,6 +353,10 @@ class System:
         """A reason the warm reads were not what they claim (e.g. recomputed items), or None."""
         return None
 
+    def collate(self) -> Callable:
+        """The DataLoader columns' collate_fn (the workload's stack-or-pad by default)."""
+        return self.wl.collate()
+
 
 class Uncached(System):
     name = "uncached"
@@ -403,6 +407,15 @@ class Cachedata(System):
     def check_after(self, ds: Dataset) -> str | None:
         st = ds.stats  # type: ignore[attr-defined]
         return None if st.misses == 0 else f"cachedata computed {st.misses} items during warm reads"
+
+
+class CachedataCollate(Cachedata):
+    """cachedata as its users run it: the DataLoader columns collate with CachedCollate."""
+
+    name = "cachedata_collate"
+
+    def collate(self) -> Callable:
+        return CachedCollate()
 
 
 def monai_compose(fn: Callable) -> Any:
@@ -496,7 +509,99 @@ class HFDatasets(System):
         self._map(load=False)
 
     def open(self) -> Dataset:
-        return self._map(load=True)
+        return HFBatched(self._map(load=True))
+
+
+class HFBatched(Dataset):
+    """Hugging Face datasets at its best: ``__getitems__`` (what a DataLoader calls per batch)
+    is one slice of the memory-mapped Arrow table through ``with_format("torch")``, not one
+    row at a time; ``ds[i]`` is one row."""
+
+    def __init__(self, mapped: Any) -> None:
+        self.mapped = mapped
+
+    def __len__(self) -> int:
+        return len(self.mapped)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.mapped[i]["x"]
+
+    def __getitems__(self, indices: list[int]) -> list[torch.Tensor]:
+        x = self.mapped[indices]["x"]  # a stacked tensor (fixed shape) or a list (ragged)
+        return list(x.unbind(0)) if isinstance(x, torch.Tensor) else list(x)
+
+
+class _LitdataFn:
+    """litdata.optimize's fn: item i -> {"x": ndarray} (a module-level class: it is pickled)."""
+
+    def __init__(self, wl: Workload) -> None:
+        self.tf, self.desc = wl.transform(), wl.descriptors()
+
+    def __call__(self, i: int) -> dict:
+        return {"x": self.tf(self.desc[i]).numpy()}
+
+
+class Litdata(System):
+    """litdata: ``optimize()`` to a local folder (64 MB chunks, as its docs recommend), read
+    through ``StreamingDataset(input_dir=...)``. Every system is read with the same samplers
+    and DataLoaders, so this uses its random access ``ds[i]`` rather than its own shuffled
+    StreamingDataLoader order (the same chunks and the same decoding per item)."""
+
+    name = "litdata"
+
+    def build(self, perm: list[int]) -> None:
+        import litdata
+
+        # One worker keeps the items in index order (the sanity check compares ds[i]).
+        litdata.optimize(fn=_LitdataFn(self.wl), inputs=list(range(self.wl.n)), output_dir=str(self.store),
+                         chunk_bytes="64MB", num_workers=1, mode="overwrite")  # fmt: skip
+
+    def open(self) -> Dataset:
+        import litdata
+
+        return _Field(litdata.StreamingDataset(input_dir=str(self.store)))
+
+
+class Mosaic(System):
+    """Mosaic streaming: ``MDSWriter`` (raw ndarray columns, fixed shape where there is one,
+    64 MiB shards, no compression) to a local folder, read through
+    ``StreamingDataset(local=...)`` by random access (see Litdata)."""
+
+    name = "mosaic"
+
+    def build(self, perm: list[int]) -> None:
+        from streaming import MDSWriter
+
+        wl, tf = self.wl, self.wl.transform()
+        shape = "" if wl.ragged else ":" + ",".join(map(str, wl.item_shape))
+        with MDSWriter(
+            out=str(self.store), columns={"x": f"ndarray:{wl.dtype}{shape}"}, size_limit=1 << 26
+        ) as w:
+            for d in wl.descriptors():
+                w.write({"x": tf(d).numpy()})
+
+    def open(self) -> Dataset:
+        import warnings
+
+        from streaming import StreamingDataset
+        from streaming.base.util import clean_stale_shared_memory
+
+        clean_stale_shared_memory()
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return _Field(StreamingDataset(local=str(self.store), shuffle=False, batch_size=BATCH))
+
+
+class _Field(Dataset):
+    """A peer's rows {"x": ndarray} as tensors (torch.from_numpy: no copy)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.ds[i]["x"]))
 
 
 class Npz(System):
@@ -513,7 +618,19 @@ class Npz(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    s.name: s for s in (Uncached, Limit, Cachedata, MonaiPersistent, MonaiCache, HFDatasets, Npz)
+    s.name: s
+    for s in (
+        Uncached,
+        Limit,
+        Cachedata,
+        CachedataCollate,
+        MonaiPersistent,
+        MonaiCache,
+        HFDatasets,
+        Litdata,
+        Mosaic,
+        Npz,
+    )
 }
 
 
@@ -527,9 +644,11 @@ class Columns:
     about ``seconds`` (the whole dataset when that is quicker)."""
 
     def __init__(
-        self, ds: Dataset, wl: Workload, perm: list[int], seconds: float, columns: list[str]
-    ) -> None:
+        self, ds: Dataset, wl: Workload, perm: list[int], seconds: float, columns: list[str],
+        collate: Callable | None = None,
+    ) -> None:  # fmt: skip
         self.ds, self.wl, self.perm, self.seconds, self.columns = ds, wl, perm, seconds, columns
+        self.collate = collate or wl.collate()
         self.loaders: dict[str, DataLoader] = {}
         self.k: dict[str, int] = {}
 
@@ -564,7 +683,7 @@ class Columns:
                     sampler=perm[: self.k[col]],
                     num_workers=workers,
                     persistent_workers=workers > 0,
-                    collate_fn=self.wl.collate(),
+                    collate_fn=self.collate,
                     multiprocessing_context=FORK if workers else None,
                 )
             # warm-up, untimed: first touches, the allocator's steady state, the workers' start
@@ -670,7 +789,7 @@ def system_child(conn: Any, task: dict) -> None:
     del first, reference
     item_bytes = np.diff(np.asarray(lim.offsets, np.int64)) * np.dtype(wl.dtype).itemsize
     del lim
-    cols = Columns(ds, wl, perm, task["seconds"], task["columns"])
+    cols = Columns(ds, wl, perm, task["seconds"], task["columns"], system.collate())
     setup["calibration_us_per_item"] = cols.calibrate() * 1e6
     setup["items"] = dict(cols.k)
     setup["bytes"] = {c: int(item_bytes[perm[:k]].sum()) for c, k in cols.k.items()}
@@ -783,7 +902,7 @@ class Child:
 def peer_versions(skip: set[str]) -> dict[str, dict[str, str]]:
     """Import each optional peer once (the children inherit the import); record version or reason."""
     out = {}
-    for mod in ("monai", "datasets"):
+    for mod in ("monai", "datasets", "litdata", "streaming"):
         if mod in skip:
             out[mod] = {"missing": "skipped with --skip-peers"}
             continue

@@ -16,8 +16,12 @@ spread = (max - min) / median across the repeats):
 4. index    a cache of 1,000,000 tiny int64[4] items; in a fresh subprocess, time from
             ``CachedDataset(...)`` to the first ``ds[0]`` returning (index load included) and
             the RSS increase over the same span. PASS at < 1 s and < 100 bytes/item.
+5. fingerprint of a 100 MB model. PASS at < 1 s.
+6. cli      ``cachedata info PATH`` on a cache of 10 namespaces (half merged, half in shards),
+            a fresh interpreter each time, vs ``python -c pass``, interleaved. PASS when
+            ``info`` takes < 0.3 s; --help and --version are timed too (diagnostic).
 
-Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4,5] [--out PATH]
+Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4,5,6] [--out PATH]
 Writes the results as JSON (default benchmarks/results/core.json); exit status 1 on a FAIL.
 """
 
@@ -27,6 +31,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -568,6 +573,60 @@ def case_fingerprint(n: int, repeats: int, tmp_root: str | None) -> dict[str, An
     }
 
 
+def case_cli(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
+    """Start-up of the command line: ``cachedata info`` on ``n`` namespaces vs ``python -c pass``."""
+    from cachedata import CachedDataset
+
+    tmp = make_tmp(tmp_root, "cli")
+    try:
+        cache = tmp / "cache"
+        for v in range(n):
+            ds = CachedDataset(list(range(50)), cache, version=str(v))
+            ds.__getitems__(list(range(50)))
+            ds.merge() if v % 2 else ds.flush()
+        # As installed: byte-compiled (into __pycache__, ignored by git), and allowed to use it.
+        root = Path(__file__).resolve().parents[1]
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "cachedata")], check=True)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env = {**env, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                            os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+        cli = [sys.executable, "-m", "cachedata"]
+
+        cpu: dict[str, list[float]] = {}
+
+        def run(name: str, argv: list[str]) -> Callable[[], None]:
+            def once() -> None:
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                used = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+                cpu.setdefault(name, []).append(used)
+
+            return once
+
+        commands = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            "cachedata --version": [*cli, "--version"],
+            "cachedata --help": [*cli, "--help"],
+            "cachedata info": [*cli, "info", str(cache)],
+        }
+        times = interleaved({k: run(k, v) for k, v in commands.items()}, repeats)
+        secs = {k: summary(v) for k, v in times.items()}
+        info = secs["cachedata info"]["median"]
+        return {
+            "namespaces": n,
+            "seconds": secs,
+            # CPU seconds of the child (user + system): hardly grows when other jobs compete
+            # for the CPUs, unlike wall time (a diagnostic on a shared machine).
+            "cpu_seconds": {k: summary(v) for k, v in cpu.items()},
+            "info_minus_python_seconds": info - secs["python -c pass"]["median"],
+            "target": "cachedata info < 0.3 s",
+            "pass": info < 0.3,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def fmt_rate(s: dict[str, float]) -> str:
     return f"{s['median']:>10,.0f}/s ±{s['spread'] * 50:4.1f}%"
 
@@ -634,6 +693,14 @@ def print_table(results: dict[str, Any]) -> None:
     if r:
         rows.append((f"5 fingerprint of a {r['model_bytes'] / 1e6:.0f} MB model", f"{r['seconds']['median'] * 1e3:.0f} ms",
                      f"{r['gb_per_s']:.1f} GB/s; {r['target']}", "PASS" if r["pass"] else "FAIL"))  # fmt: skip
+    r = results.get("cli")
+    if r:
+        for name, sec in r["seconds"].items():
+            last = name == "cachedata info"
+            cpu = r["cpu_seconds"][name]["median"] * 1e3
+            rows.append((f"6 start-up: {name}", f"{sec['median'] * 1e3:.0f} ms ±{sec['spread'] * 50:.1f}%",
+                         f"CPU {cpu:.0f} ms" + (f"; {r['namespaces']} namespaces; {r['target']}" if last else ""),
+                         ("PASS" if r["pass"] else "FAIL") if last else ""))  # fmt: skip
     w = [max(len(row[i]) for row in rows) for i in range(4)]
     print()
     print(f"{'measure':<{w[0]}}  {'value':<{w[1]}}  {'note / target':<{w[2]}}  result")
@@ -654,7 +721,7 @@ def main() -> int:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per case (>= 3; default 5, quick 3)"
     )
-    parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated subset of 1,2,3,4,5")
+    parser.add_argument("--cases", default="1,2,3,4,5,6", help="comma-separated subset of 1,2,3,4,5,6")
     parser.add_argument(
         "--torch-threads",
         type=int,
@@ -681,6 +748,7 @@ def main() -> int:
         "cold": 500 if args.quick else 2000,
         "index": 200_000 if args.quick else 1_000_000,
         "fingerprint": 100,  # MB of weights
+        "cli": 10,  # namespaces
     }
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
@@ -692,6 +760,7 @@ def main() -> int:
         ("3", "cold", case_cold, repeats),
         ("4", "index", case_index, 3),
         ("5", "fingerprint", case_fingerprint, repeats),
+        ("6", "cli", case_cli, max(repeats, 5)),
     ]
     for num, name, fn, reps in plan:
         if num not in cases and name not in cases:

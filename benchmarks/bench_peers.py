@@ -96,7 +96,8 @@ WORKLOADS: dict[str, str] = {
     "audio": "FLAC files, 1..5 s at 16 kHz -> DecodeAudio(16000) -> float32 [16,000..80,000]",
 }
 
-# role: baseline | limit | subject | peer (disk-backed, counts for the targets) | reference
+# role: baseline | limit | subject | ours (cachedata configured otherwise, not judged)
+#       | peer (disk-backed, counts for the targets) | reference (in RAM)
 SYSTEMS: dict[str, dict[str, Any]] = {
     "uncached": {"label": "uncached", "role": "baseline", "needs": None, "getitems": False},
     "limit": {"label": "limit (np.memmap)", "role": "limit", "needs": None, "getitems": False},
@@ -108,11 +109,19 @@ SYSTEMS: dict[str, dict[str, Any]] = {
         "getitems": False,
     },
     "hf_datasets": {
-        "label": "HF datasets (map cache)",
+        "label": "HF datasets (map cache, batched)",
         "role": "peer",
         "needs": "datasets",
         "getitems": True,
     },
+    "cachedata_collate": {
+        "label": "cachedata + CachedCollate",
+        "role": "ours",  # what our users run; not judged, shown beside cachedata
+        "needs": None,
+        "getitems": False,
+    },
+    "litdata": {"label": "litdata (optimize)", "role": "peer", "needs": "litdata", "getitems": False},
+    "mosaic": {"label": "Mosaic streaming (MDS)", "role": "peer", "needs": "streaming", "getitems": False},
     "npz": {"label": "np.savez per item", "role": "peer", "needs": None, "getitems": False},
     "monai_cache": {
         "label": "MONAI CacheDataset (RAM)",
@@ -1439,7 +1448,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--parts", default="warm,cold,scaling", help="subset of warm,cold (the 1 ms case),scaling"
     )
     ap.add_argument(
-        "--skip-peers", default="", help="treat these as not installed: monai,datasets,matplotlib"
+        "--skip-peers",
+        default="",
+        help="treat these as not installed: monai,datasets,litdata,streaming,matplotlib",
     )
     ap.add_argument(
         "--torch-threads", type=int, default=1, help="torch intra-op threads in every process (default 1)"

@@ -38,9 +38,9 @@ from . import budget as budget_mod
 from . import fileset, metadata
 from . import schema as schema_mod
 from ._version import __version__
-from .dataset import default_cache_dir
 from .fingerprint import diff_trees
 from .namespace import Identity, Store
+from .paths import default_cache_dir
 from .storage import FORMAT_VERSION, CorruptFile, FileIndex, Reader, checksum, read_index
 from .units import format_size, parse_size
 

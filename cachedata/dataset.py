@@ -22,18 +22,13 @@ from .budget import Tracker, explicit_limit
 from .fingerprint import diff_trees, fingerprint, fingerprint_tree
 from .metadata import read_meta
 from .namespace import Identity, ReadOnly, Store
+from .paths import default_cache_dir
 from .stats import CacheStats, Counters
 from .storage import FORMAT_VERSION
 
 logger = logging.getLogger("cachedata")
 
 _COMPRESSIONS = (None, "gzip", "lzf")
-
-
-def default_cache_dir() -> Path:
-    """``$CACHEDATA_HOME``, else ``~/.cache/cachedata``."""
-    env = os.environ.get("CACHEDATA_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cachedata"
 
 
 class CachedDataset(Dataset):
@@ -144,8 +139,8 @@ class CachedDataset(Dataset):
                     except (ValueError, RuntimeError) as exc:
                         store.bad_item(None, key, exc)
                     else:
-                        self._counters.add(self._row(), hits=1, bytes_read=len(got[0]),
-                                           read_seconds=time.perf_counter() - t0)  # fmt: skip
+                        self._counters.add(hits=1, bytes_read=len(got[0]),
+                                       read_seconds=time.perf_counter() - t0)  # fmt: skip
                         store.touch()
                         return self.post_transform(item) if self.post_transform is not None else item
         return self._get([index], single=True)[0]
@@ -343,12 +338,9 @@ class CachedDataset(Dataset):
                 break
         hits = len(keys) - len(todo)
         t1 = time.perf_counter()
-        compute = 0.0
+        self._counters.add(hits=hits, bytes_read=nbytes, read_seconds=t1 - t0)
         if todo:
-            compute = self._compute_into(out, todo, base, keys, indices)
-        row = self._row()
-        self._counters.add(row, hits=hits, misses=len(todo), bytes_read=nbytes, compute_seconds=compute,
-                           read_seconds=t1 - t0)  # fmt: skip
+            self._compute_into(out, todo, base, keys, indices)  # counts each miss as it is computed
         if todo or store.pending:
             self._after_writes(single=single)
         if hits:
@@ -359,24 +351,34 @@ class CachedDataset(Dataset):
 
     def _compute_into(
         self, out: list[Any], todo: list[int], base: list[int], keys: list[int], indices: Sequence[int]
-    ) -> float:
-        """Compute missing items, buffer them for writing, and put fresh copies into ``out``."""
+    ) -> None:
+        """Compute missing items, buffer them for writing, and put fresh copies into ``out``.
+
+        Each miss is counted as soon as it is computed, not at the end of the batch: a
+        DataLoader worker shut down (or killed) mid-batch, say after a StatefulDataLoader's
+        ``state_dict()``, has then counted every transform call it made.
+        """
         store = self._store
-        t = time.perf_counter()
-        values = [self._compute_one(base[p], indices[p]) for p in todo]
+        counters = self._counters
         batch = getattr(self.transform, "batch", None)
         if self.transform is not None and callable(batch):
+            t = time.perf_counter()
+            values = [self._compute_one(base[p], indices[p]) for p in todo]
             values = self._checked(lambda: batch(values), "transform.batch", indices[todo[0]])
             if not isinstance(values, list) or len(values) != len(todo):
                 raise TypeError(
                     f"transform.batch must return a list of {len(todo)} items, got {type(values).__name__}"
                 )
-        elif self.transform is not None:
-            values = [
-                self._checked(lambda v=v: self.transform(v), "transform", indices[p])
-                for v, p in zip(values, todo)
-            ]
-        elapsed = time.perf_counter() - t
+            counters.add(misses=len(todo), compute_seconds=time.perf_counter() - t)
+        else:
+            values = []
+            for p in todo:
+                t = time.perf_counter()
+                v = self._compute_one(base[p], indices[p])
+                if self.transform is not None:
+                    v = self._checked(lambda v=v: self.transform(v), "transform", indices[p])
+                counters.add(misses=1, compute_seconds=time.perf_counter() - t)
+                values.append(v)
         ident = self._identity()
         for p, v in zip(todo, values):
             try:
@@ -391,7 +393,6 @@ class CachedDataset(Dataset):
                 )
             store.put(keys[p], enc, ident)
             out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
-        return elapsed
 
     def _compute_one(self, base_index: int, index: int) -> Any:
         return self._checked(lambda: self._base[base_index], "dataset[i]", index)
@@ -412,10 +413,6 @@ class CachedDataset(Dataset):
             )
         return result
 
-    def _row(self) -> int:
-        info = get_worker_info()
-        return 0 if info is None else 1 + info.id
-
     def _after_writes(self, *, single: bool) -> None:
         store = self._store
         in_worker = get_worker_info() is not None
@@ -426,7 +423,7 @@ class CachedDataset(Dataset):
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:
-            self._counters.add(self._row(), writes=n, bytes_written=nbytes)
+            self._counters.add(writes=n, bytes_written=nbytes)
 
     def _complete(self) -> bool:
         """Every item of the base dataset is on disk (reads every key: construction only)."""

@@ -1,6 +1,6 @@
 """benchmarks/bench_peers.py runs end to end with tiny sizes and renders its report.
 
-Peers (MONAI, Hugging Face datasets, matplotlib) are optional: each system is either measured
+Peers (MONAI, Hugging Face datasets, litdata, Mosaic streaming, matplotlib) are optional: each system is either measured
 or reported as not installed, so this passes with or without requirements-bench.txt.
 The numbers of a tiny run mean nothing; only the shape of the output is checked.
 """
@@ -17,7 +17,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "bench_peers.py"
-SYSTEMS = ("uncached", "limit", "cachedata", "monai_persistent", "hf_datasets", "npz", "monai_cache")
+SYSTEMS = (
+    "uncached",
+    "limit",
+    "cachedata",
+    "cachedata_collate",
+    "monai_persistent",
+    "hf_datasets",
+    "litdata",
+    "mosaic",
+    "npz",
+    "monai_cache",
+)
+OPTIONAL = ("monai_persistent", "hf_datasets", "litdata", "mosaic", "monai_cache")
 WORKLOADS = ("image", "tokens", "audio")
 
 
@@ -53,7 +65,7 @@ def test_tiny_run_has_every_system_and_workload(tiny_run):
         assert set(systems) == set(SYSTEMS), wl
         for name, rec in systems.items():
             if rec["status"] == "missing":
-                assert name in ("monai_persistent", "hf_datasets", "monai_cache")
+                assert name in OPTIONAL
                 assert "requirements-bench.txt" in rec["reason"]
                 continue
             assert rec["status"] == "ok", (wl, name, rec.get("reason"))
@@ -101,7 +113,9 @@ def test_report_only_with_a_missing_peer(tiny_run):
     text = readme.read_text()
     assert "PLACEHOLDER" not in text and text.endswith("after\n") and "| image (12 items) |" in text, text
     md = (tmp / "edited.md").read_text()
-    assert "| HF datasets (map cache) | not installed (pip install -r requirements-bench.txt) |" in md
+    assert (
+        "| HF datasets (map cache, batched) | not installed (pip install -r requirements-bench.txt) |" in md
+    )
     rendered = json.loads((tmp / "edited.json").read_text())
     peer_targets = [t for t in rendered["targets"] if t["id"].endswith("_peers")]
     notes = [t["by_variant"]["default"]["note"] for t in peer_targets]

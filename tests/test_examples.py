@@ -101,3 +101,23 @@ def test_kfold_calls_transform_once_per_item(tmp_path):
     match = re.search(r"transform calls: (\d+) for (\d+) items and 5 folds", out)
     assert match, out
     assert int(match.group(1)) == n == int(match.group(2))
+
+
+# The framework examples (their full checks: tests/test_integrations.py, which also runs
+# examples/hf_trainer.py). Here: each as a user starts it, without the test-only options.
+
+
+@pytest.mark.timeout(300)
+def test_lightning_datamodule(tmp_path):
+    pytest.importorskip("lightning")
+    out = run_example("lightning_datamodule.py", tmp_path, "--items", "32", "--batch-size", "8")
+    assert "cache: ['merged-000001.h5']" in out
+
+
+@pytest.mark.timeout(300)
+def test_stateful_resume_runs_both_phases_in_new_processes(tmp_path):
+    pytest.importorskip("torchdata")
+    out = run_example(
+        "stateful_resume.py", tmp_path, "--items", "48", "--batch-size", "8", "--stop-after", "2"
+    )
+    assert "indices seen: 48 (48 distinct) of 48" in out

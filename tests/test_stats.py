@@ -1,0 +1,137 @@
+"""CacheStats per process: every transform call counted, and each rank's stats its own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.multiprocessing as tmp_mp
+from helpers import LogCalls, Ragged, count_calls, identity_batch
+from torch.utils.data import DataLoader
+
+from cachedata import CachedDataset
+from cachedata.stats import _FIELDS, _WORKER_ROWS, Counters, row_of
+
+
+def test_worker_rows_never_share_the_owners_row():
+    assert row_of(None) == 0
+    rows = {row_of(w) for w in range(4 * _WORKER_ROWS)}
+    assert 0 not in rows, "a worker writing the owner's row races with it and loses counts"
+    assert rows == set(range(1, _WORKER_ROWS + 1))
+    assert row_of(_WORKER_ROWS) == row_of(0)  # wraps among workers only
+
+
+def test_counters_add_every_field_to_its_own_column():
+    counters = Counters()
+    values = dict(zip(_FIELDS, (1, 2, 3, 4, 5, 0.5, 0.25)))
+    counters.add(**values)
+    counters.add(**values)
+    assert counters.snapshot().to_dict() == {
+        **{k: 2 * v for k, v in values.items()},
+        "hit_rate": 1 / 3,
+    }
+
+
+_DYING = """
+import os, signal
+from helpers import LogCalls
+
+
+class LogThenDie(LogCalls):
+    # LogCalls, except that the process asked for item-29 kills itself (before logging it).
+    def __call__(self, item):
+        if item["name"] == "item-29":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__call__(item)
+"""
+
+_KILLED_MID_BATCH = """
+import json, os, sys
+sys.path[:0] = [{tests!r}, {here!r}]  # spawned workers get the same sys.path
+from dying import LogThenDie
+from helpers import Ragged, identity_batch
+from torch.utils.data import DataLoader
+from cachedata import CachedDataset
+
+ds = CachedDataset(Ragged(40), {cache!r}, transform=LogThenDie({log!r}))
+loader = DataLoader(ds, batch_size=8, num_workers=1, collate_fn=identity_batch,
+                    multiprocessing_context={start!r})
+try:
+    for _ in loader:
+        pass
+    died = False
+except RuntimeError as exc:
+    died = "DataLoader worker" in str(exc)
+print(json.dumps({{"died": died, "misses": ds.stats.misses}}), flush=True)
+os._exit(0)  # past the dead worker's SIGCHLD: nothing else to do here
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_worker_killed_mid_batch_has_counted_every_call_it_made(tmp_path, start_method):
+    """Misses are counted as they are computed, not at the end of the batch.
+
+    In a subprocess: the DataLoader's SIGCHLD handler reports the killed worker
+    asynchronously, which must not reach the test runner.
+    """
+    log = tmp_path / "log"
+    (tmp_path / "dying.py").write_text(_DYING)
+    script = _KILLED_MID_BATCH.format(
+        tests=str(Path(__file__).resolve().parent),
+        here=str(tmp_path),
+        cache=str(tmp_path / "c"),
+        log=str(log),
+        start=start_method,
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["died"], proc.stderr
+    calls = count_calls(log)
+    assert calls == 29  # items 0..28: the batch 24..31 died at its 6th item
+    assert got["misses"] == calls
+
+
+def _rank(rank: int, ds: CachedDataset, out: str, worker_start: str) -> None:
+    before = ds.stats
+    own = list(range(4 + 16 * rank, 4 + 16 * (rank + 1)))
+    loader = DataLoader(
+        ds,
+        batch_size=4,
+        sampler=[0, 1, 2, 3, *own],
+        num_workers=2,
+        collate_fn=identity_batch,
+        multiprocessing_context=worker_start,
+    )
+    for _ in loader:
+        pass
+    del loader
+    Path(out, f"rank{rank}.json").write_text(
+        json.dumps({"before": before.to_dict(), "after": ds.stats.to_dict()})
+    )
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("rank_start", "worker_start"), [("spawn", "fork"), ("fork", "spawn")])
+def test_a_dataset_passed_to_spawned_ranks_shows_each_rank_its_own_stats(tmp_path, rank_start, worker_start):
+    """mp.spawn(fn, args=(ds,)) and Lightning's ddp_spawn: the parent's counter block stays its own."""
+    log = tmp_path / "log"
+    ds = CachedDataset(Ragged(36), tmp_path / "c", transform=LogCalls(log))
+    for i in range(4):
+        ds[i]
+    ds.flush()
+    tmp_mp.start_processes(
+        _rank, args=(ds, str(tmp_path), worker_start), nprocs=2, join=True, start_method=rank_start
+    )
+    for rank in range(2):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert (got["before"]["hits"], got["before"]["misses"]) == (0, 0), "a rank starts from zero"
+        # Its 4 reads of the parent's items are hits and its own 16 items misses, counted
+        # by its DataLoader workers into the rank's block, not into the parent's.
+        assert (got["after"]["hits"], got["after"]["misses"]) == (4, 16), (rank, got)
+        assert got["after"]["writes"] == 16
+    assert (ds.stats.hits, ds.stats.misses) == (0, 4), "the ranks' counts stay out of the parent"
+    assert count_calls(log) == 4 + 2 * 16

@@ -416,9 +416,11 @@ class CachedDataset(Dataset):
     def _after_writes(self, *, single: bool) -> None:
         store = self._store
         in_worker = get_worker_info() is not None
-        if (in_worker and not single) or store.should_seal(worker=in_worker):
+        if (not single and (in_worker or _world_size() > 1)) or store.should_seal(worker=in_worker):
             # A worker seals every batch: another worker may be asked for these items in the
-            # next epoch (persistent workers never exit between epochs).
+            # next epoch (persistent workers never exit between epochs). So does a rank's main
+            # process reading without workers: the next epoch's sampler gives its items to
+            # other ranks.
             self.flush()
 
     def _count_writes(self, n: int, nbytes: int) -> None:
@@ -611,6 +613,11 @@ def _key_to_int(k: Hashable, base_index: int) -> int:
         h = xxhash.xxh3_64_intdigest(f"{type(k).__name__}:{k}".encode("utf-8", "surrogatepass"))
         return h - (1 << 64) if h >= 1 << 63 else h
     raise TypeError(f"key({base_index}) returned {type(k).__name__} {k!r}; key= must return a str or an int")
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _current_rank(default: int = 0) -> int:

@@ -44,7 +44,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _epochs(
-    rank: int, world: int, port: int, cache: str, log: str, n: int, drop_last: bool, out: str
+    rank: int, world: int, port: int, cache: str, log: str, n: int, drop_last: bool, out: str, workers: int
 ) -> None:
     _init(rank, world, port)
     try:
@@ -56,9 +56,9 @@ def _epochs(
             ds,
             batch_size=4,
             sampler=sampler,
-            num_workers=2,
+            num_workers=workers,
             collate_fn=identity_batch,
-            persistent_workers=True,
+            persistent_workers=workers > 0,
         )
         result = {"epochs": []}
         for epoch in range(2):
@@ -77,14 +77,19 @@ def _epochs(
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
-    ("world", "drop_last"), [(2, False), (2, True), (3, False)], ids=["2-pad", "2-drop", "3-pad"]
+    ("world", "drop_last", "workers"),
+    [(2, False, 2), (2, True, 2), (3, False, 2), (2, False, 0)],
+    ids=["2-pad", "2-drop", "3-pad", "2-pad-no-workers"],
 )
-def test_ranks_compute_each_item_once_in_total(tmp_path, world, drop_last):
+def test_ranks_compute_each_item_once_in_total(tmp_path, world, drop_last, workers):
+    """With workers, and without (a rank's main process seals every batch too under DDP)."""
     n = 50  # uneven: 50 is not a multiple of 3 (and not of 4 batches)
     log = tmp_path / "calls.log"
     port = _free_port()
     outs = [str(tmp_path / f"rank{r}.json") for r in range(world)]
-    _run_ranks(_epochs, world, lambda r: (port, str(tmp_path / "cache"), str(log), n, drop_last, outs[r]))
+    _run_ranks(
+        _epochs, world, lambda r: (port, str(tmp_path / "cache"), str(log), n, drop_last, outs[r], workers)
+    )
     results = [json.loads(Path(o).read_text()) for o in outs]
     seen = {name for r in results for name in r["epochs"][0]["names"]}
     expected = n if not drop_last else (n // world) * world

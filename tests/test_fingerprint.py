@@ -580,7 +580,7 @@ def test_transformers_objects_by_duck_typing() -> None:
         cls.__module__ = "transformers.models.fake.processing_fake"
 
     tok = _bpe(200)
-    assert "transformers" not in sys.modules
+    # (transformers may be installed and imported by other tests: the fakes above stand alone)
     assert fp(FastTokenizer(tok)) == fp(FastTokenizer(_bpe(200)))
     assert fp(FastTokenizer(tok)) != fp(FastTokenizer(_bpe(300)))
     assert fp(FastTokenizer(tok)) != fp(FastTokenizer(tok, padding_side="left"))
@@ -592,7 +592,7 @@ def test_transformers_objects_by_duck_typing() -> None:
     moved = ImageProcessor(size={"shortest_edge": 224}, image_mean=[0.5, 0.5, 0.5], do_resize=True)
     moved._config["_name_or_path"] = "/somewhere/else"  # provenance, not state
     assert fp(moved) == fp(a)
-    assert "transformers" not in sys.modules
+    # (transformers may be installed and imported by other tests: the fakes above stand alone)
 
 
 # ------------------------------------------------------------------------ functions

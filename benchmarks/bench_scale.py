@@ -158,13 +158,17 @@ def case_growth(root: Path, steps: int = 20, base_items: int = 400) -> dict[str,
 
 
 def case_merge_vs_cp(root: Path, gib: float) -> dict[str, Any]:
-    from cachedata import CachedDataset
+    from cachedata import CachedDataset, fileset
 
     n = max(64, int(gib * 1024))
     ds = CachedDataset(Blobs(n), root / "merge")
-    for lo in range(0, n, 64):
-        ds.__getitems__(list(range(lo, min(n, lo + 64))))
-        ds._store.buffer.write()  # shards only: no background merge in between
+    held, fileset.SHARD_LIMIT = fileset.SHARD_LIMIT, 1 << 30  # shards only: no background merge
+    try:
+        for lo in range(0, n, 64):
+            ds.__getitems__(list(range(lo, min(n, lo + 64))))
+            ds.flush()
+    finally:
+        fileset.SHARD_LIMIT = held
     shards = sorted(ds.path.glob("shard-*.h5"))
     nbytes = sum(p.stat().st_size for p in shards)
     copy_dir = root / "cp"

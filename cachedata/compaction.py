@@ -409,6 +409,7 @@ class Background:
         self._next = 0.0
         self._pid = os.getpid()
         self.error: BaseException | None = None
+        self.shards = 0  # shards in the folder at the last look
 
     def poke(self, *, force: bool = False) -> bool:
         """Start a background merge when one is due; True when a thread is running."""
@@ -428,6 +429,7 @@ class Background:
             listing = fileset.list_files(target.folder)
         except fileset.ListingError:
             return False  # out of descriptors or the like: try again at the next poke
+        self.shards = len(listing.shards)
         if not fileset.plan(listing) or fileset.locked(target.folder):
             return False
         self._thread = threading.Thread(

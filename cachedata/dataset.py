@@ -416,11 +416,13 @@ class CachedDataset(Dataset):
     def _after_writes(self, *, single: bool) -> None:
         store = self._store
         in_worker = get_worker_info() is not None
-        if (not single and (in_worker or _world_size() > 1)) or store.should_seal(worker=in_worker):
-            # A worker seals every batch: another worker may be asked for these items in the
-            # next epoch (persistent workers never exit between epochs). So does a rank's main
-            # process reading without workers: the next epoch's sampler gives its items to
-            # other ranks.
+        # A worker seals every batch: another worker may be asked for these items in the next
+        # epoch (persistent workers never exit between epochs). So does a rank's main process
+        # reading without workers: the next epoch's sampler gives its items to other ranks.
+        # While merges lag behind (a cold pass writing faster than the disk can rewrite), it
+        # seals by size and time instead (at most a second later), so files stay few.
+        every_batch = not single and (in_worker or _world_size() > 1) and not store.backlogged()
+        if every_batch or store.should_seal(worker=in_worker):
             self.flush()
 
     def _count_writes(self, n: int, nbytes: int) -> None:

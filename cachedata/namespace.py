@@ -531,6 +531,12 @@ class Store:
         self.refresh()
         return bool(done)
 
+    def backlogged(self) -> bool:
+        """True when merges lag behind writers (more than 4 x SHARD_LIMIT shards at the last
+        look): writers then seal by size and time instead of every batch, so the file count
+        stops growing faster than merges can take files in."""
+        return self.background.shards >= 4 * fileset.SHARD_LIMIT
+
     def poke(self) -> None:
         """Start a background merge if one is due (cheap; rate-limited)."""
         if self.writable:

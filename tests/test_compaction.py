@@ -358,3 +358,25 @@ def test_resource_errors_lose_nothing_under_a_low_open_files_limit(tmp_path):
     assert [g["name"] for g in fresh.__getitems__(list(range(n)))] == [f"item-{i}" for i in range(n)]
     assert count_calls(log) == calls and fresh.stats.misses == 0
     assert leftovers(tmp_path) == []
+
+
+def test_workers_seal_by_size_and_time_while_merges_lag(tmp_path, monkeypatch):
+    """With a backlog of shards (merges held back here), a worker stops sealing every batch."""
+    monkeypatch.setattr(fileset, "SHARD_LIMIT", 2)  # backlog from 8 shards on
+    monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
+    monkeypatch.setattr(compaction.Background, "_run", lambda self, target: None)  # no merges
+    n = 40
+    ds = CachedDataset(Ragged(n + 40), tmp_path / "c", transform=add_one)
+    for lo in range(n, n + 40, 4):  # ten shards already waiting
+        ds.__getitems__(list(range(lo, lo + 4)))
+        ds._store.buffer.write()
+    before = set(data_files(ds.path))
+    loader = DataLoader(Subset(ds, list(range(n))), batch_size=4, num_workers=1, collate_fn=_identity,
+                        multiprocessing_context="fork")  # fmt: skip
+    assert sum(len(b) for b in loader) == n
+    new = set(data_files(ds.path)) - before
+    # Ten batches: the first seals (and finds the backlog), the rest wait for 64 items, a
+    # second, or the worker's exit. Every item is still stored.
+    assert 1 <= len(new) <= 3, sorted(new)
+    fresh = CachedDataset(Ragged(n + 40), tmp_path / "c", transform=add_one)
+    assert fresh.num_cached == n + 40

@@ -389,7 +389,7 @@ def render(r: dict[str, Any]) -> str:
         b = r["big_cache"]
         rows += [
             (f"{b['gib']:g} GiB cache, 1 MiB items, 2 workers: cold epoch", f"{b['cold_gb_per_s']:.2f} GB/s, {b['files_after_cold']} files"),
-            ("first len() of epoch 2", f"{b['first_len_ms']:.1f} ms"),
+            ("first len() of epoch 2", f"{b['first_len_ms']:.2f} ms"),
             ("warm epoch", f"{b['warm_items_per_s']:.0f} items/s ({b['warm_over_cold']:.2f}x the cold time), {b['files_after_warm']} files"),
         ]  # fmt: skip
     if "growth" in r:

@@ -39,6 +39,20 @@ RETIRED_RE = re.compile(r"^retired-(\d+)-")
 TMP_RE = re.compile(r"^\.tmp-(.+?)-(\d+)-[0-9a-f]{8}-")
 LOCK_NAME = "merge.lock"
 
+#: Errors of the environment, not of a file (too many open files, no memory, a transient
+#: I/O error): never taken for corruption anywhere in cachedata.
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.EINTR,
+        errno.EAGAIN,
+        errno.EIO,
+        errno.ESTALE,
+        errno.EBUSY,
+    }
+)
 #: Shards (unmerged files) that trigger a background merge into one run.
 SHARD_LIMIT = 16
 #: Runs of one tier that are merged into one run of the next tier.
@@ -126,15 +140,7 @@ def list_files(folder: Path) -> Listing:
     except (FileNotFoundError, NotADirectoryError):
         pass
     except OSError as exc:
-        if exc.errno in (
-            errno.EMFILE,
-            errno.ENFILE,
-            errno.ENOMEM,
-            errno.EINTR,
-            errno.EAGAIN,
-            errno.EIO,
-            errno.ESTALE,
-        ):
+        if exc.errno in TRANSIENT_ERRNOS:
             raise ListingError(exc.errno, f"cannot list {folder}: {exc.strerror}") from exc
         raise
     return Listing(

@@ -58,19 +58,6 @@ MAP_BELOW = 64 * 1024
 #: Index columns of files with at least this many rows are memory-mapped (shared between
 #: processes); smaller ones are read into memory, where a map would cost more than it saves.
 MAP_INDEX_ROWS = 4096
-#: Errors of the environment, not of the file: they never make a file count as corrupt.
-TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.EMFILE,
-        errno.ENFILE,
-        errno.ENOMEM,
-        errno.EINTR,
-        errno.EAGAIN,
-        errno.EIO,
-        errno.ESTALE,
-        errno.EBUSY,
-    }
-)
 #: Held around every HDF5 call and taken by os.fork: a fork while a background merge is inside
 #: the HDF5 library would leave its global lock held forever in the child.
 H5_LOCK = threading.RLock()
@@ -124,10 +111,10 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     if isinstance(exc, OSError):
-        if exc.errno in TRANSIENT_ERRNOS:
+        if exc.errno in fileset.TRANSIENT_ERRNOS:
             return True
         text = str(exc)
-        return any(f"errno = {e}," in text for e in TRANSIENT_ERRNOS) or "Too many open files" in text
+        return any(f"errno = {e}," in text for e in fileset.TRANSIENT_ERRNOS) or "Too many open files" in text
     return False
 
 

@@ -65,6 +65,8 @@ try:
         pass
 except RuntimeError as exc:
     died = "DataLoader worker" in str(exc)
+except (EOFError, ConnectionError):
+    died = True  # killed while handing a batch's shared memory over: a reset connection
 # The DataLoader's SIGCHLD handler may raise the worker's death once more, at any moment
 # (even inside the except above): report until it has had its say, then leave.
 while True:
@@ -74,6 +76,8 @@ while True:
         os._exit(0)
     except RuntimeError as exc:
         died = died or "DataLoader worker" in str(exc)
+    except (EOFError, ConnectionError):
+        died = True
 """
 
 

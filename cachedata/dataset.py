@@ -586,7 +586,9 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
             *lines,
         ]
     shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
-    logger.warning(
+    # A version= bump is the user's own request for a fresh namespace: say so, but quietly.
+    say = logger.info if parts == ["version"] else logger.warning
+    say(
         "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
         "Its items are computed again into %s. If that difference should not matter, leave it out of "
         "the fingerprint (a __cachedata_fingerprint__ method, or cachedata.register_fingerprint for its "

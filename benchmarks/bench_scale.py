@@ -23,10 +23,14 @@ minutes on 2 CPUs), ``--quick`` for 1 GiB and 1M items (about 2 minutes).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,31 +85,58 @@ def _written(path: Path, seen: dict[str, int]) -> int:
     return sum(seen.values())
 
 
-def case_big_cache(root: Path, gib: float) -> dict[str, Any]:
+def _most_files(path: Path, fn: Callable[[], Any]) -> int:
+    """Run ``fn`` while a thread counts the data files; the most seen at once."""
+    most, done = [0], threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                most[0] = max(most[0], _files(path))
+            time.sleep(0.05)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        t.join()
+    return most[0]
+
+
+def case_big_cache(root: Path, gib: float, *, stall: bool = True) -> dict[str, Any]:
+    """``stall=False`` turns off the workers' wait for merges (the control run)."""
     from torch.utils.data import DataLoader
 
-    from cachedata import CachedDataset
+    from cachedata import CachedDataset, namespace
 
     n = int(gib * 1024)
-    ds = CachedDataset(Blobs(n), root / "big")
-    loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=_as_list, shuffle=True,
-                        persistent_workers=True)  # fmt: skip
-    t0 = time.perf_counter()
-    _common.epoch(loader)
-    cold = time.perf_counter() - t0
-    files_cold = _files(ds.path)
-    t0 = time.perf_counter()
-    len(ds)
-    first_len = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    _common.epoch(loader)
-    warm = time.perf_counter() - t0
-    files_warm = _files(ds.path)
-    misses = ds.stats.misses
-    del loader
-    t0 = time.perf_counter()
-    ds.merge()
-    merge_s = time.perf_counter() - t0
+    saved = namespace.STALL_SECONDS
+    if not stall:
+        namespace.STALL_SECONDS = 0.0  # forked workers inherit it
+    try:
+        ds = CachedDataset(Blobs(n), root / "big")
+        loader = DataLoader(ds, batch_size=16, num_workers=2, collate_fn=_as_list, shuffle=True,
+                            persistent_workers=True, multiprocessing_context="fork")  # fmt: skip
+        t0 = time.perf_counter()
+        most = _most_files(ds.path, functools.partial(_common.epoch, loader))
+        cold = time.perf_counter() - t0
+        files_cold = _files(ds.path)
+        t0 = time.perf_counter()
+        len(ds)
+        first_len = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        most_warm = _most_files(ds.path, functools.partial(_common.epoch, loader))
+        warm = time.perf_counter() - t0
+        files_warm = _files(ds.path)
+        misses = ds.stats.misses
+        del loader
+        t0 = time.perf_counter()
+        ds.merge()
+        merge_s = time.perf_counter() - t0
+    finally:
+        namespace.STALL_SECONDS = saved
     return {
         "items": n,
         "gib": gib,
@@ -115,7 +146,9 @@ def case_big_cache(root: Path, gib: float) -> dict[str, Any]:
         "warm_epoch_s": warm,
         "warm_items_per_s": n / warm,
         "warm_over_cold": warm / cold,
+        "most_files_cold": most,
         "files_after_cold": files_cold,
+        "most_files_warm": most_warm,
         "files_after_warm": files_warm,
         "misses": misses,
         "final_merge_s": merge_s,
@@ -190,42 +223,76 @@ def case_merge_vs_cp(root: Path, gib: float) -> dict[str, Any]:
     }
 
 
-_INDEX_PROBE = """
-import gc, sys, time, json
-from pathlib import Path
-sys.path.insert(0, {here!r})
-import numpy as np
-from bench_scale import Small
-from cachedata import CachedDataset
-import cachedata.budget, h5py  # imported before measuring: modules are not per-item memory
+def str_key(i: int) -> str:
+    """The ``key=`` of the string-keyed index case (a module function: spawn pickles it)."""
+    return f"k{i}"
 
-def rollup():
-    out = {{}}
+
+def rollup() -> dict[str, int]:
+    """This process's /proc/self/smaps_rollup, in bytes."""
+    out = {}
     for line in Path("/proc/self/smaps_rollup").read_text().splitlines()[1:]:
         name, value = line.split(":", 1)
         out[name] = int(value.split()[0]) * 1024
     return out
 
-key = None if {mode!r} == "index" else (lambda i: f"k{{i}}")
-gc.collect()
-before = rollup()
-t0 = time.perf_counter()
-ds = CachedDataset(Small({n}), {cache!r}, key=key)
-ds._store.refresh()
-opened = time.perf_counter() - t0
-probe = np.random.default_rng(0).integers(0, {n}, 512).tolist()
-for _ in range(20):
-    ds.__getitems__(probe)
-assert ds.stats.misses == 0, ds.stats
-after = rollup()
-print(json.dumps({{
-    "open_s": opened,
-    # Anonymous memory this process added: what no other process can share or the kernel reclaim.
-    "private_bytes_per_item": (after["Private_Dirty"] - before["Private_Dirty"]) / {n},
-    # File pages of the memory-mapped index (fault-around maps 64 KiB per touch): page cache,
-    # shared by every reader of the file and reclaimable.
-    "mapped_file_bytes_per_item": (after["Rss"] - after["Anonymous"] - before["Rss"] + before["Anonymous"]) / {n},
-}}))
+
+def probe_reads(ds: Any, n: int) -> tuple[float, float]:
+    """Read 20 batches of 512 random items; (private, mapped-file) bytes per item this added.
+
+    Private: anonymous memory no other process can share or the kernel reclaim. Mapped: file
+    pages of the memory-mapped index (fault-around maps 64 KiB per touch), page cache shared
+    by every reader of the file, and reclaimable.
+    """
+    import gc
+
+    import numpy as np
+
+    gc.collect()
+    before = rollup()
+    probe = np.random.default_rng(0).integers(0, n, 512).tolist()
+    for _ in range(20):
+        ds.__getitems__(probe)
+    if ds.stats.misses:
+        raise RuntimeError(f"the index probe computed items: {ds.stats}")
+    after = rollup()
+    mapped = after["Rss"] - after["Anonymous"] - before["Rss"] + before["Anonymous"]
+    return (after["Private_Dirty"] - before["Private_Dirty"]) / n, mapped / n
+
+
+def spawned_reader(ds: Any, n: int, out: Any) -> None:
+    """A spawned process given the dataset by pickling, as a spawn DataLoader worker is."""
+    import cachedata.budget  # noqa: F401  (imported before measuring: modules are not per-item memory)
+
+    out.put(probe_reads(ds, n))
+
+
+_INDEX_PROBE = """
+import sys, time, json
+import multiprocessing as mp
+sys.path.insert(0, {here!r})
+from bench_scale import Small, probe_reads, spawned_reader, str_key
+from cachedata import CachedDataset
+import cachedata.budget, h5py  # imported before measuring: modules are not per-item memory
+
+if __name__ == "__main__":
+    t0 = time.perf_counter()
+    ds = CachedDataset(Small({n}), {cache!r}, key=None if {mode!r} == "index" else str_key)
+    ds._store.refresh()
+    opened = time.perf_counter() - t0
+    private, mapped = probe_reads(ds, {n})
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=spawned_reader, args=(ds, {n}, q))
+    p.start()
+    spawned_private, _ = q.get(timeout=600)
+    p.join(60)
+    print(json.dumps({{
+        "open_s": opened,
+        "private_bytes_per_item": private,
+        "spawned_private_bytes_per_item": spawned_private,
+        "mapped_file_bytes_per_item": mapped,
+    }}))
 """
 
 
@@ -235,7 +302,7 @@ def _build_small(root: Path, n: int, mode: str) -> Path:
     from cachedata import CachedDataset
     from cachedata.storage import checksum, write_file
 
-    key = None if mode == "index" else (lambda i: f"k{i}")
+    key = None if mode == "index" else str_key
     ds = CachedDataset(Small(n), root / f"idx-{mode}-{n}", key=key)
     ds[0]
     ds.flush()  # fixes the schema
@@ -359,6 +426,9 @@ def main() -> int:
             results["big_cache"] = case_big_cache(root, gib)
             shutil.rmtree(root / "big", ignore_errors=True)
             print("big cache", results["big_cache"], flush=True)
+            results["big_cache_no_stall"] = case_big_cache(root, gib, stall=False)
+            shutil.rmtree(root / "big", ignore_errors=True)
+            print("big cache, workers never wait", results["big_cache_no_stall"], flush=True)
         if 2 in cases:
             results["growth"] = case_growth(root, base_items=40 if args.tiny else 400)
             print("growth", results["growth"], flush=True)
@@ -388,10 +458,17 @@ def render(r: dict[str, Any]) -> str:
     if "big_cache" in r:
         b = r["big_cache"]
         rows += [
-            (f"{b['gib']:g} GiB cache, 1 MiB items, 2 workers: cold epoch", f"{b['cold_gb_per_s']:.2f} GB/s, {b['files_after_cold']} files"),
+            (f"{b['gib']:g} GiB cache, 1 MiB items, 2 workers: cold epoch", f"{b['cold_gb_per_s']:.2f} GB/s, {b.get('most_files_cold', '?')} files at most, {b['files_after_cold']} at the end"),
             ("first len() of epoch 2", f"{b['first_len_ms']:.2f} ms"),
             ("warm epoch", f"{b['warm_items_per_s']:.0f} items/s ({b['warm_over_cold']:.2f}x the cold time), {b['files_after_warm']} files"),
         ]  # fmt: skip
+        if "big_cache_no_stall" in r:
+            c = r["big_cache_no_stall"]
+            rows += [
+                ("control, workers never wait for merges: cold epoch", f"{c['cold_gb_per_s']:.2f} GB/s, {c['most_files_cold']} files at most, {c['files_after_cold']} at the end"),
+                ("control: warm epoch", f"{c['warm_items_per_s']:.0f} items/s, {c['most_files_warm']} files at most, {c['files_after_warm']} at the end"),
+                ("control: cold + warm epochs over the default's", f"{(c['cold_epoch_s'] + c['warm_epoch_s']) / (b['cold_epoch_s'] + b['warm_epoch_s']):.2f}x"),
+            ]  # fmt: skip
     if "growth" in r:
         g = r["growth"]
         rows += [
@@ -415,6 +492,7 @@ def render(r: dict[str, Any]) -> str:
                 (
                     f"index {k}: per item, open",
                     f"{v['private_bytes_per_item']:.2f} B private"
+                    f" ({v.get('spawned_private_bytes_per_item', float('nan')):.2f} in a spawned process)"
                     f" (+{v.get('mapped_file_bytes_per_item', 0):.0f} B shared page cache),"
                     f" {v['open_s'] * 1e3:.0f} ms",
                 )

@@ -65,11 +65,11 @@ class Outcome:
 _warned: set[tuple[str, str]] = set()
 
 
-def warn_once(kind: str, folder: Path, message: str, *args: object) -> None:
-    """Log a warning once per process for each (kind, folder)."""
+def warn_once(kind: str, folder: Path, message: str, *args: object, level: int = logging.WARNING) -> None:
+    """Log a warning (or ``level``) once per process for each (kind, folder)."""
     if (kind, str(folder)) not in _warned:
         _warned.add((kind, str(folder)))
-        logger.warning(message, *args)
+        logger.log(level, message, *args)
 
 
 def merge_files(target: Target, files: list[fileset.DataFile], *, run: str, progress=None) -> Outcome | None:
@@ -409,7 +409,7 @@ class Background:
         self._next = 0.0
         self._pid = os.getpid()
         self.error: BaseException | None = None
-        self.shards = 0  # shards in the folder at the last look
+        self.overdue = False  # fileset.overdue() at the last look
 
     def poke(self, *, force: bool = False) -> bool:
         """Start a background merge when one is due; True when a thread is running."""
@@ -429,7 +429,7 @@ class Background:
             listing = fileset.list_files(target.folder)
         except fileset.ListingError:
             return False  # out of descriptors or the like: try again at the next poke
-        self.shards = len(listing.shards)
+        self.overdue = fileset.overdue(listing)
         if not fileset.plan(listing) or fileset.locked(target.folder):
             return False
         self._thread = threading.Thread(

@@ -424,6 +424,8 @@ class CachedDataset(Dataset):
         every_batch = not single and (in_worker or _world_size() > 1) and not store.backlogged()
         if every_batch or store.should_seal(worker=in_worker):
             self.flush()
+            if in_worker:
+                store.keep_up()  # a worker may wait for merges; the training loop never does
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:

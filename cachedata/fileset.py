@@ -200,6 +200,21 @@ def plan(listing: Listing, *, everything: bool = False, explicit: bool = False) 
     return []
 
 
+def overdue(listing: Listing) -> bool:
+    """True when merges lag far behind writers: twice SHARD_LIMIT shards, or twice FANOUT
+    runs of one tier. Writers that can wait (DataLoader workers) then merge before writing
+    on, which bounds the file count even when a cold pass writes as fast as the disk does."""
+    if len(listing.shards) >= 2 * SHARD_LIMIT:
+        return True
+    by_tier: dict[int, int] = {}
+    for run in listing.runs:
+        t = tier(run.size)
+        by_tier[t] = by_tier.get(t, 0) + 1
+        if by_tier[t] >= 2 * FANOUT:
+            return True
+    return False
+
+
 def output_name(files: list[DataFile], generation: int, *, explicit: bool) -> str:
     """The merged file's name: a background run only when nothing explicit went into it."""
     background = not explicit and all(f.is_shard or f.is_background_run for f in files)

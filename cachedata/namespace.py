@@ -38,6 +38,8 @@ logger = logging.getLogger("cachedata")
 MAIN_SEAL = (4096, 64 * 1024 * 1024, 30.0)
 #: A worker on the single-item path seals at these sizes; batched calls seal every batch.
 WORKER_SEAL = (64, 64 * 1024 * 1024, 1.0)
+#: The longest a DataLoader worker waits for merges to catch up after one seal, in seconds.
+STALL_SECONDS = 120.0
 _LAST_USED_EVERY = 3600.0
 
 
@@ -532,10 +534,42 @@ class Store:
         return bool(done)
 
     def backlogged(self) -> bool:
-        """True when merges lag behind writers (more than 4 x SHARD_LIMIT shards at the last
-        look): writers then seal by size and time instead of every batch, so the file count
-        stops growing faster than merges can take files in."""
-        return self.background.shards >= 4 * fileset.SHARD_LIMIT
+        """True when merges lag behind writers (``fileset.overdue`` at the last look): writers
+        then seal by size and time instead of every batch, so the file count stops growing
+        faster than merges can take files in."""
+        return self.background.overdue
+
+    def keep_up(self) -> None:
+        """Write stall, for writers that can wait (DataLoader workers, never the training loop).
+
+        A cold pass with little transform cost writes as fast as the disk allows, and tiered
+        merges must rewrite each byte a few times: the merges fall behind and files pile up
+        for every later reader. When the folder is overdue (``fileset.overdue``) the worker
+        merges here (or waits while another process does) until it is not, for at most
+        STALL_SECONDS, so that writing slows to what the disk can also consolidate.
+        """
+        if not self.writable or not self.background.overdue:
+            return
+        target = self._target()
+        if target is None:
+            return
+        deadline = time.monotonic() + STALL_SECONDS
+        try:
+            while fileset.overdue(fileset.list_files(self.path)):
+                if time.monotonic() >= deadline:
+                    return
+                compaction.warn_once(
+                    "stall", self.path,
+                    "cachedata: merges of %s lag behind writers (a disk-bound pass); DataLoader "
+                    "workers merge before writing on, so that files stay few",
+                    self.path, level=logging.INFO,
+                )  # fmt: skip
+                self.background.join()  # this process's own merge holds the lock: let it finish
+                if compaction.consolidate(target, explicit=False, everything=False, wait=0.0) is None:
+                    time.sleep(0.05)  # another process is merging
+        except (TransientError, fileset.ListingError) as exc:
+            self.warn_transient(exc)  # out of descriptors and the like: write on, merge later
+        self.background.overdue = False
 
     def poke(self) -> None:
         """Start a background merge if one is due (cheap; rate-limited)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import signal
@@ -17,7 +18,7 @@ from conftest import leftovers
 from helpers import ListDataset, LogCalls, Ragged, add_one, assert_same, count_calls
 from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
-from cachedata import CachedDataset, compaction, fileset, storage
+from cachedata import CachedDataset, compaction, fileset, namespace, storage
 
 HERE = os.path.dirname(__file__)
 pytestmark = pytest.mark.timeout(300)
@@ -360,11 +361,62 @@ def test_resource_errors_lose_nothing_under_a_low_open_files_limit(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def _max_files_during(loader, folder) -> tuple[int, int]:
+    """Iterate ``loader`` while a thread counts the data files; (items seen, most files at once)."""
+    most, done = [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            with contextlib.suppress(OSError):
+                most[0] = max(most[0], len(data_files(folder)))
+            time.sleep(0.005)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        seen = sum(len(b) for b in loader)
+    finally:
+        done.set()
+        t.join()
+    return seen, most[0]
+
+
+@pytest.mark.parametrize("stall", [True, False], ids=["workers-wait", "control-no-wait"])
+def test_a_pass_that_outruns_merges_keeps_files_few(tmp_path, monkeypatch, stall):
+    """Writers faster than merges (slowed copies here, the disk in a cold pass of cheap items):
+    workers that find the folder overdue merge before writing on, so the file count stays
+    bounded all through the pass. The control run without the wait shows the pile it prevents."""
+    monkeypatch.setattr(fileset, "SHARD_LIMIT", 2)
+    monkeypatch.setattr(fileset, "FANOUT", 3)
+    monkeypatch.setattr(fileset, "TIER_BASE", 2048)
+    monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
+    monkeypatch.setattr(storage, "copy_range", _slow_copy(0.02))
+    monkeypatch.setattr(namespace, "STALL_SECONDS", 120.0 if stall else 0.0)
+    n, workers = 400, 2
+    log = tmp_path / "log"
+    ds = CachedDataset(Ragged(n), tmp_path / "c", transform=LogCalls(log))
+    loader = DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=_identity,
+                        multiprocessing_context="fork")  # fmt: skip
+    seen, most = _max_files_during(loader, ds.path)
+    assert seen == n and count_calls(log) == n
+    total = sum(f.size for f in fileset.list_files(ds.path).files)
+    # overdue at 2 x SHARD_LIMIT shards (+ one in flight per worker) or 2 x FANOUT runs a tier
+    bound = 2 * fileset.SHARD_LIMIT + workers + (2 * fileset.FANOUT - 1) * (fileset.tier(total) + 1)
+    if stall:
+        assert most <= bound, (most, bound)
+    else:
+        assert most > bound, (most, bound)  # what the wait prevents
+    fresh = CachedDataset(Ragged(n), tmp_path / "c", transform=LogCalls(log))
+    assert fresh.num_cached == n and count_calls(log) == n
+    assert leftovers(tmp_path) == []
+
+
 def test_workers_seal_by_size_and_time_while_merges_lag(tmp_path, monkeypatch):
     """With a backlog of shards (merges held back here), a worker stops sealing every batch."""
-    monkeypatch.setattr(fileset, "SHARD_LIMIT", 2)  # backlog from 8 shards on
+    monkeypatch.setattr(fileset, "SHARD_LIMIT", 2)  # backlog from 4 shards on
     monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
     monkeypatch.setattr(compaction.Background, "_run", lambda self, target: None)  # no merges
+    monkeypatch.setattr(namespace, "STALL_SECONDS", 0.0)  # nor merges in the worker's write path
     n = 40
     ds = CachedDataset(Ragged(n + 40), tmp_path / "c", transform=add_one)
     for lo in range(n, n + 40, 4):  # ten shards already waiting

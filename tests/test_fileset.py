@@ -54,6 +54,16 @@ def test_a_full_tier_is_merged_and_big_runs_are_not_touched():
     assert fileset.plan(_listing(runs=[10**12] + [small] * (FANOUT - 1))) == []
 
 
+def test_overdue_when_merges_fall_far_behind():
+    """Twice the merge thresholds: writers that can wait then merge before writing on."""
+    small = fileset.TIER_BASE * 2
+    assert not fileset.overdue(_listing(shards=[100] * (2 * SHARD_LIMIT - 1), runs=[small] * (FANOUT - 1)))
+    assert fileset.overdue(_listing(shards=[100] * 2 * SHARD_LIMIT))
+    assert fileset.overdue(_listing(runs=[10**12] + [small] * (2 * FANOUT)))
+    # Runs of different tiers do not add up.
+    assert not fileset.overdue(_listing(runs=[small] * (2 * FANOUT - 1) + [small * FANOUT**2] * 3))
+
+
 def _simulate(batches: int, item_bytes: int, batch: int) -> tuple[int, float]:
     """Files seen by a reader at most, and bytes written / final bytes, for a cold pass."""
     shards: list[int] = []

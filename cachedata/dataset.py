@@ -30,6 +30,9 @@ logger = logging.getLogger("cachedata")
 
 _COMPRESSIONS = (None, "gzip", "lzf")
 
+#: Misses per process whose transform is checked for drawing from a global random generator.
+RNG_CHECKS = 16
+
 
 class CachedDataset(Dataset):
     """A map-style dataset whose items are ``post_transform(transform(dataset[i]))``, with the
@@ -96,7 +99,7 @@ class CachedDataset(Dataset):
         self._rank = _current_rank()
         self._main_pid = os.getpid()
         self._all_keys: np.ndarray | None = None
-        self._warned_readonly = False
+        self._rng_checks = (0, RNG_CHECKS)  # (pid, checks left in that process)
         meta = self._meta_record = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
         is_new = not (self.path / "meta.json").exists()
         # Disk budget: lease the namespace before creating its files (so that no other process
@@ -399,10 +402,14 @@ class CachedDataset(Dataset):
 
     def _checked(self, fn: Callable[[], Any], what: str, index: int) -> Any:
         """Run ``fn``; on the first misses, fail if it drew from a global random generator."""
-        store = self._store
-        if self.allow_random or store.rng_checks_left <= 0:
+        if self.allow_random:
             return fn()
-        store.rng_checks_left -= 1
+        pid = os.getpid()
+        if self._rng_checks[0] != pid:  # each process checks its own first misses
+            self._rng_checks = (pid, RNG_CHECKS)
+        if self._rng_checks[1] <= 0:
+            return fn()
+        self._rng_checks = (pid, self._rng_checks[1] - 1)
         before = _rng_states()
         result = fn()
         if not _same_rng(before, _rng_states()):

@@ -91,7 +91,6 @@ class Store:
         self.writable = True
         self._warned_write = False
         self._last_used = 0.0
-        self.rng_checks_left = 16
         self.vanished = False  # a file left between listing and reading: refresh() again
         self.background = compaction.Background(self._target)
 

@@ -187,7 +187,11 @@ def recover_meta(folder: Path) -> Repair | None:
         return None  # readable (possibly incomplete, e.g. already recovered): nothing to repair
     if problem is None:
         problem = f"names namespace {str(meta.get('fingerprint'))[:16]!r}, not this folder's"  # type: ignore[union-attr]
-    record = {"cachedata_format": FORMAT_VERSION, "fingerprint": folder.name, "recovered": f"meta.json was {problem}"}
+    record = {
+        "cachedata_format": FORMAT_VERSION,
+        "fingerprint": folder.name,
+        "recovered": f"meta.json was {problem}",
+    }
     write_atomic(path, json.dumps(record, indent=1, sort_keys=True))
     _warn_once(folder, META, "cachedata: %s was %s; wrote a minimal record", path, problem)
     return Repair(str(path), problem, "replaced by a minimal record (completed by the next CachedDataset)")

@@ -348,6 +348,8 @@ def consolidate(
             files = fileset.plan(listing, everything=everything, explicit=explicit)
             if not files:
                 return done
+            if explicit and not everything:
+                files += overlapping(target, files, listing)
             # Open at most max_fanin() sources at once. A partial round writes a background run,
             # so that the next round of an explicit merge takes it in again.
             partial = len(files) > max_fanin()
@@ -376,6 +378,39 @@ def consolidate(
                 explicit = everything = False  # from here on, only the tiers' own rules
     finally:
         fileset.release(folder)
+
+
+def overlapping(
+    target: Target, pile: list[fileset.DataFile], listing: fileset.Listing
+) -> list[fileset.DataFile]:
+    """Older merged files holding any key of ``pile`` (the new items of an explicit merge).
+
+    Two jobs that computed the same items at once leave them in two files; merging such a
+    file in drops the duplicates. A file whose keys are all elsewhere is left to the tiers,
+    so adding new items never rewrites the big old files. Keys are sorted in every file:
+    a pile's keys are looked up in each file's memory-mapped key column (no full read).
+    """
+    names = {f.name for f in pile}
+    older = [r for r in listing.runs if not r.is_background_run and r.name not in names]
+    if not older:
+        return []
+    try:
+        parts = [storage.read_index(target.folder / f.name, namespace=target.fingerprint).keys for f in pile]
+    except (CorruptFile, FileNotFoundError):
+        return []  # merge_files deals with the pile's own faults
+    keys = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
+    out = []
+    for f in older:
+        try:
+            have = storage.read_index(target.folder / f.name, namespace=target.fingerprint).keys
+        except (CorruptFile, FileNotFoundError):
+            continue  # a malformed or vanished file is not this merge's business
+        if not len(have) or not len(keys) or have[0] > keys[-1] or have[-1] < keys[0]:
+            continue
+        pos = np.minimum(np.searchsorted(have, keys), len(have) - 1)
+        if bool((have[pos] == keys).any()):
+            out.append(f)
+    return out
 
 
 def max_fanin() -> int:

@@ -165,10 +165,10 @@ def plan(listing: Listing, *, everything: bool = False, explicit: bool = False) 
 
     - ``everything``: all files into one (``cachedata merge --full``).
     - ``explicit`` (``merge()``, the end of ``warm()``, ``cachedata merge``): every item
-      written since the last explicit merge (shards and background runs) into one file,
-      together with older merged files no bigger than that pile (a binary counter: a byte is
-      rewritten about log2(steps) times), so that duplicates written by two jobs meet; a
-      big old file is left alone, so a few new items never rewrite it.
+      written since the last explicit merge (shards and background runs) into one file.
+      Older merged files are left to the tiers (below), so a few new items never rewrite a
+      big old file, and a cache built in N steps rewrites each byte about log8(N) times
+      (pulling in older files no bigger than the new pile, a binary counter, costs log2(N)).
     - otherwise (background): SHARD_LIMIT shards into one run; FANOUT runs of one tier
       into one run of the next.
     """
@@ -179,16 +179,7 @@ def plan(listing: Listing, *, everything: bool = False, explicit: bool = False) 
         )
     shards = list(listing.shards)
     if explicit:
-        pile = shards + [r for r in listing.runs if r.is_background_run]
-        if not pile:
-            return []
-        total = sum(f.size for f in pile)
-        for run in sorted((r for r in listing.runs if not r.is_background_run), key=lambda f: f.size):
-            if run.size > total:
-                break
-            pile.append(run)
-            total += run.size
-        return pile if len(pile) > 1 or pile[0].is_shard or pile[0].is_background_run else []
+        return shards + [r for r in listing.runs if r.is_background_run]
     if len(shards) >= SHARD_LIMIT:
         return shards
     by_tier: dict[int, list[DataFile]] = {}

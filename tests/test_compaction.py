@@ -19,6 +19,7 @@ from helpers import ListDataset, LogCalls, Ragged, add_one, assert_same, count_c
 from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
 from cachedata import CachedDataset, compaction, fileset, namespace, storage
+from cachedata import schema as schema_mod
 
 HERE = os.path.dirname(__file__)
 pytestmark = pytest.mark.timeout(300)
@@ -259,6 +260,37 @@ def test_len_returns_while_a_merge_runs(tmp_path, monkeypatch):
     release.set()
     ds._store.background.join()
     assert [f for f in data_files(ds.path) if f.startswith("shard-")] == []
+
+
+def _keys_on_disk(path) -> list[int]:
+    keys: list[int] = []
+    for name in data_files(path):
+        keys += storage.read_index(path / name, namespace=path.name).keys.tolist()
+    return sorted(keys)
+
+
+def test_explicit_merge_drops_duplicates_and_leaves_disjoint_files_alone(tmp_path):
+    n = 120
+    ds = CachedDataset(Ragged(n), tmp_path / "c", transform=add_one)
+    ds.__getitems__(list(range(40)))
+    assert ds.merge()
+    (first,) = data_files(ds.path)
+    ds.__getitems__(list(range(40, 80)))
+    assert ds.merge()
+    second = [f for f in data_files(ds.path) if f != first]
+    assert len(second) == 1  # new items went into a file of their own: the first was not rewritten
+    # Another job computed items 41 and 42 at the same time: they reach this merge's pile.
+    for k in (41, 42):
+        ds._store.put(k, schema_mod.encode(add_one(Ragged(n)[k])), ds._identity())
+    ds.__getitems__(list(range(80, 90)))
+    assert ds.merge()
+    files = data_files(ds.path)
+    assert first in files and second[0] not in files and len(files) == 2, files  # the overlap was merged in
+    assert _keys_on_disk(ds.path) == list(range(90))  # every item once: duplicates dropped
+    fresh = CachedDataset(Ragged(n), tmp_path / "c", transform=add_one)
+    for i in (0, 41, 42, 85):
+        assert_same(fresh[i], add_one(Ragged(n)[i]))
+    assert fresh.stats.misses == 0
 
 
 def test_growth_steps_write_a_bounded_volume(tmp_path):

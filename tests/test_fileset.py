@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,12 +37,13 @@ def test_explicit_merge_takes_what_is_new_and_full_takes_everything():
     assert len(fileset.plan(listing, everything=True)) == 2
     assert fileset.plan(_listing(runs=[7]), everything=True) == []
     assert fileset.plan(_listing(runs=[7]), explicit=True) == []  # nothing new
-    # Background runs and smaller merged files join the new items; bigger ones stay.
+    # Background runs join the new items; merged files, even small ones, are left to the tiers.
     background = DataFile("run-000009.h5", 40)
     listing = Listing((DataFile("shard-r0-w0-p1-abcdef-000000.h5", 10),),
                       (DataFile("merged-000001.h5", 1000), DataFile("merged-000002.h5", 30), background), ())  # fmt: skip
     got = {f.name for f in fileset.plan(listing, explicit=True)}
-    assert got == {"shard-r0-w0-p1-abcdef-000000.h5", "run-000009.h5", "merged-000002.h5"}
+    assert got == {"shard-r0-w0-p1-abcdef-000000.h5", "run-000009.h5"}
+    assert [f.name for f in fileset.plan(Listing((), (background,), ()), explicit=True)] == ["run-000009.h5"]
     assert fileset.output_name([background], 10, explicit=False) == "run-000010.h5"
     assert fileset.output_name([background], 10, explicit=True) == "merged-000010.h5"
 
@@ -107,6 +109,38 @@ def test_a_million_small_items_in_batches_of_8_need_a_few_dozen_files():
     # 1 MiB items (the benchmark's): each byte is written about three times in all.
     most, amplification = _simulate(10_240 // 16, 1 << 20, 16)
     assert most <= 32 and amplification <= 3.5, (most, amplification)
+
+
+def _grow(steps: int, step: int, base: int) -> tuple[int, float]:
+    """A cache built by ``steps`` explicit merges of ``step`` new bytes each, after ``base``
+    bytes in one merged file: (files seen at most, bytes written / final bytes)."""
+    runs = [base] if base else []
+    written = base
+    most = 0
+    for _ in range(steps):
+        shards = [step]
+        written += step
+        files = fileset.plan(_listing(shards=shards, runs=runs), explicit=True)
+        while files:
+            for f in files:
+                if not f.is_shard:
+                    runs.remove(f.size)
+            runs.append(sum(f.size for f in files))
+            written += runs[-1]
+            most = max(most, len(runs))
+            files = fileset.plan(_listing(runs=runs))
+    return most, written / (base + steps * step)
+
+
+@pytest.mark.parametrize("base", [0, 100 << 20], ids=["from-empty", "after-100MiB"])
+def test_a_cache_built_in_many_steps_writes_about_3x_its_size(base):
+    """Steps of 5% (of 100 MiB) or of 800 KB from empty: every explicit merge writes its new
+    items once, and only the tiers rewrite older files (log8 of the steps, not log2)."""
+    step = 5 << 20 if base else 800_000
+    for steps, limit in ((20, 3.0), (100, 3.7), (1000, 4.6)):
+        most, amplification = _grow(steps, step, base)
+        assert amplification <= limit, (steps, amplification)
+        assert most <= SHARD_LIMIT + (FANOUT - 1) * (fileset.tier(base + steps * step) + 1), (steps, most)
 
 
 def test_tmp_names_are_parsed_by_sweep(tmp_path):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 import cachedata.collate as collate_module
+import cachedata.placement as placement_module
 from cachedata.collate import CachedCollate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -594,7 +595,7 @@ def test_main_process_path_uses_ordinary_memory() -> None:
 
 def test_worker_path_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Same decision without processes: every output kind (stacked, padded, numbers, lengths) is shared."""
-    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+    monkeypatch.setattr(placement_module, "get_worker_info", lambda: object())
     samples = [TokenDataset()[i] for i in range(4)]
     batch = CachedCollate(device="cuda")(samples)  # a CUDA target is ignored inside a worker
     tensors = _tensors(batch)
@@ -627,12 +628,12 @@ def test_device_cpu_keeps_batches_on_cpu() -> None:
 
 
 def _as_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+    monkeypatch.setattr(placement_module, "get_worker_info", lambda: object())
 
 
 def _general_paths_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Turn the dict fast paths off: every column goes through _collate / _array_leaf."""
-    monkeypatch.setattr(collate_module, "_stack_plain", lambda batch, n, shared: None)
+    """Turn the dict fast paths off: every column goes through _collate / array_leaf."""
+    monkeypatch.setattr(collate_module, "stack_plain", lambda batch, n, shared: None)
     monkeypatch.setattr(collate_module, "_SCALAR_DTYPES", {})
 
 
@@ -719,7 +720,7 @@ def test_share_together_keeps_identity_shape_and_values() -> None:
     ]
     expected = [t.clone() for t in tensors]
     ids = [id(t) for t in tensors]
-    collate_module._share_together(tensors)
+    placement_module.share_together(tensors)
     assert [id(t) for t in tensors] == ids
     for got, want in zip(tensors, expected):
         assert got.is_shared() and got.is_contiguous()

@@ -121,6 +121,30 @@ class CachedCollate:
     batches stay on the CPU, silently.
 
     Collation is done under ``torch.no_grad()``: batches never carry autograd history.
+
+    Teaching it a type, without subclassing: ``collate_fn_map={MyType: fn}`` maps a type, or a
+    tuple of types, to a function called like the entries of torch's ``collate_fn_map``
+    (``torch.utils.data.default_collate``'s registry): ``fn(batch, *, collate_fn_map)``, where
+    ``batch`` is the list of values at one place in the samples (sample 0's is a ``MyType``); its
+    return value is that place in the batch. The entries are merged with the rules above, and
+    looked up as torch does: a value's exact type first, then the first entry (in the map's
+    order) it is an instance of; tensors, ndarrays, Python numbers, str, bytes and None are
+    taken over only by an entry for their exact type. The ``collate_fn_map`` handed to ``fn``
+    holds the entries plus this class's rules under ``torch.Tensor``, ``Mapping``, ...,
+    ``object``: ``collate_fn_map[object](parts)`` collates a list of parts (say the fields of
+    ``MyType``) like any other value at that place (stacked or padded with that key's pad value,
+    in the call's shared or pinned memory)::
+
+        def collate_boxes(batch, *, collate_fn_map):
+            rest = collate_fn_map[object]
+            return Boxes(rest([b.ids for b in batch]), rest([b.score for b in batch]))
+
+        CachedCollate(pad_value={"box": -1}, collate_fn_map={Box: collate_boxes})
+
+    A function's output gets no ``_lengths`` key; with a CUDA ``device`` in the main process its
+    tensors are copied there like every other output. For spawn workers the functions must
+    pickle (define them at module level). An error raised inside one carries a note naming the
+    type and place.
     """
 
     def __init__(

@@ -383,7 +383,7 @@ class CachedDataset(Dataset):
         for p, v in zip(todo, values):
             try:
                 enc = schema_mod.encode(v)
-            except schema_mod._Unstorable as exc:
+            except schema_mod.Unstorable as exc:
                 raise TypeError(f"item {indices[p]} {exc}") from None
             diff = store.check_schema(enc)
             if diff:

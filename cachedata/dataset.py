@@ -42,6 +42,29 @@ class CachedDataset(Dataset):
     fingerprints match (the *namespace*); anything else gets its own folder, so stale data is
     never served. A ``Subset`` is unwrapped so that folds of one dataset share one cache.
     Works under DataLoader workers (fork, spawn, forkserver, persistent) and torch.distributed.
+
+    ``key``: ``key(i) -> str | int``, a stable name for item ``i`` (default: the index), for a
+    dataset whose items can move or change at the same index; ``cachedata.keys.file_stat`` and
+    ``file_sha256`` build keys that change when a file is replaced. ``compression``: ``None``
+    (default), ``"gzip"`` (smaller files, slower reads) or ``"lzf"`` (fast, lighter), for the
+    files this dataset writes. ``allow_random``: ``transform`` is checked on its first misses for
+    draws from the global Python, numpy or torch random generators (random work belongs in
+    ``post_transform``, which runs on every access and is never cached); ``True`` skips that
+    check for a transform that seeds itself.
+
+    Example::
+
+        from cachedata.keys import file_stat
+
+        ds = CachedDataset(
+            ImageFiles(paths),                      # ds[i] is a path
+            "/data/cache",
+            transform=DecodeImage("RGB"),           # computed once per item, then read back
+            post_transform=RandomCrop(224),         # every access, never cached
+            key=lambda i: file_stat(paths[i]),      # a replaced file is a new item
+            compression="lzf",
+        )
+        loader = DataLoader(ds, batch_size=64, num_workers=8, collate_fn=CachedCollate())
     """
 
     def __init__(
@@ -386,7 +409,7 @@ class CachedDataset(Dataset):
         for p, v in zip(todo, values):
             try:
                 enc = schema_mod.encode(v)
-            except schema_mod._Unstorable as exc:
+            except schema_mod.Unstorable as exc:
                 raise TypeError(f"item {indices[p]} {exc}") from None
             diff = store.check_schema(enc)
             if diff:

@@ -9,21 +9,42 @@ may still read it. On the CPU it is a pass-through.
 
 from __future__ import annotations
 
-import copy
 import logging
+import numbers
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
-__all__ = ["DeviceLoader"]
+from .checks import is_positive_int
+from .containers import rebuild_mapping, rebuild_sequence
+
+__all__ = ["DeviceLoader", "parse_device", "to_device"]
 
 logger = logging.getLogger("cachedata")
 
 
-def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor], *, pin: bool) -> Any:
-    """Copy every tensor in a nested batch to ``device`` with ``non_blocking=True``.
+def parse_device(value: str | torch.device | int, *, owner: str) -> torch.device:
+    """``torch.device(value)``, or a ValueError naming ``owner`` (e.g. ``"DeviceLoader"``) and a fix."""
+    try:
+        return torch.device(value)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{owner}(device={value!r}): not a device torch understands; use 'cpu', 'cuda', 'cuda:1' "
+            f"or a torch.device ({exc})"
+        ) from None
+
+
+def to_device(
+    obj: Any,
+    device: torch.device,
+    *,
+    pin: bool = False,
+    non_blocking: bool = True,
+    produced: list[torch.Tensor] | None = None,
+) -> Any:
+    """Copy every tensor in a nested batch to ``device``; containers are rebuilt around the copies.
 
     ``pin``: pin CPU tensors that are not pinned yet first (a copy from pageable memory is
     synchronous). New device tensors are appended to ``produced`` (for ``record_stream``).
@@ -35,40 +56,22 @@ def _to_device(obj: Any, device: torch.device, produced: list[torch.Tensor], *, 
         src = obj
         if pin and src.is_cpu and not src.is_pinned():
             src = src.pin_memory()
-        out = src.to(device, non_blocking=True)
-        produced.append(out)
+        out = src.to(device, non_blocking=non_blocking)
+        if produced is not None:
+            produced.append(out)
         return out
     if isinstance(obj, Mapping):
-        moved = {k: _to_device(v, device, produced, pin=pin) for k, v in obj.items()}
-        if type(obj) is dict:
-            return moved
-        try:
-            if isinstance(obj, MutableMapping):
-                clone = copy.copy(obj)
-                clone.clear()
-                clone.update(moved)
-                return clone
-            return type(obj)(moved)
-        except (TypeError, ValueError, AttributeError):
-            return moved
-    if isinstance(obj, tuple):
-        items = [_to_device(v, device, produced, pin=pin) for v in obj]
-        if type(obj) is tuple:
-            return tuple(items)
-        if hasattr(obj, "_fields"):  # namedtuple
-            return type(obj)(*items)
-        try:
-            return type(obj)(items)
-        except (TypeError, ValueError):
-            return tuple(items)
-    if isinstance(obj, list):
-        items = [_to_device(v, device, produced, pin=pin) for v in obj]
-        if type(obj) is list:
-            return items
-        try:
-            return type(obj)(items)
-        except (TypeError, ValueError):
-            return items
+        return rebuild_mapping(
+            obj,
+            {
+                k: to_device(v, device, pin=pin, non_blocking=non_blocking, produced=produced)
+                for k, v in obj.items()
+            },
+        )
+    if isinstance(obj, (tuple, list)):
+        return rebuild_sequence(
+            obj, [to_device(v, device, pin=pin, non_blocking=non_blocking, produced=produced) for v in obj]
+        )
     return obj
 
 
@@ -82,23 +85,17 @@ class DeviceLoader:
     """
 
     def __init__(self, loader: Iterable[Any], device: str | torch.device | int, *, prefetch: int = 1) -> None:
-        if isinstance(prefetch, bool) or not isinstance(prefetch, int):
-            raise TypeError(
-                f"DeviceLoader(prefetch={prefetch!r}): expected an int >= 1 (batches copied ahead)"
+        if not is_positive_int(prefetch):
+            # a count of the wrong type is a TypeError, a count below 1 a ValueError
+            raise (
+                ValueError if isinstance(prefetch, numbers.Integral) and prefetch is not True else TypeError
+            )(
+                f"DeviceLoader(prefetch={prefetch!r}): expected an int >= 1 (batches copied ahead); "
+                "use prefetch=1 or more"
             )
-        if prefetch < 1:
-            raise ValueError(
-                f"DeviceLoader(prefetch={prefetch}): needs at least 1 batch copied ahead; use prefetch=1 or more"
-            )
-        try:
-            self.device = torch.device(device)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(
-                f"DeviceLoader(device={device!r}): not a device torch understands; use 'cuda', 'cuda:1', "
-                f"'cpu' or a torch.device ({exc})"
-            ) from None
+        self.device = parse_device(device, owner="DeviceLoader")
         self.loader = loader
-        self.prefetch = prefetch
+        self.prefetch = int(prefetch)
 
     def __repr__(self) -> str:
         return f"DeviceLoader({self.loader!r}, device={str(self.device)!r}, prefetch={self.prefetch})"
@@ -128,7 +125,7 @@ class DeviceLoader:
 
     def _plain_iter(self, device: torch.device) -> Iterator[Any]:
         for batch in self.loader:
-            yield _to_device(batch, device, [], pin=False)
+            yield to_device(batch, device)
 
     def _cuda_iter(self, device: torch.device) -> Iterator[Any]:
         # One side stream per prefetch slot (batch j copies on streams[j % prefetch]). When the
@@ -155,7 +152,7 @@ class DeviceLoader:
             count += 1
             produced: list[torch.Tensor] = []
             with torch.cuda.stream(stream):
-                moved = _to_device(batch, device, produced, pin=True)
+                moved = to_device(batch, device, pin=True, produced=produced)
             pending.append((moved, produced, stream))
 
         for _ in range(self.prefetch):

@@ -63,9 +63,10 @@ user functions and classes are fingerprinted by their code (a class by its
 methods and class attributes), so editing them invalidates caches. Library
 functions and classes (stdlib, installed packages, ``cachedata`` itself) are
 fingerprinted by module and qualified name only: upgrading a library does not
-change fingerprints unless the state of the objects changes. Modules referenced
-by user code do contribute their own ``__version__`` attribute (e.g. ``numpy``
-read as a global), as the issue asks.
+change fingerprints unless the state of the objects changes. A module that user
+code reads as a global (e.g. ``np`` in ``np.clip(...)``) contributes its own
+``__version__`` attribute, so that user code is re-run when a library it calls
+directly is upgraded.
 
 What is not covered, and raises ``TypeError`` naming the type and the attribute
 path (e.g. ``transform.tokenizer._lock``): open files, sockets, locks, threads,
@@ -109,13 +110,13 @@ from typing import Any
 
 from . import fingerprint_builtins as _builtins  # noqa: F401  (registers the builtin handlers)
 from . import fingerprint_libraries as _libraries  # noqa: F401  (registers library handlers)
+from .checks import type_name
 from .fingerprint_walker import (
     BUILTIN_VALUE_TYPES,
     Result,
     Walker,
     node,
     register_type,
-    type_name,
 )
 
 __all__ = [

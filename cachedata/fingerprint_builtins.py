@@ -29,6 +29,7 @@ import weakref
 from collections.abc import AsyncGenerator, Coroutine, Iterator
 from typing import Any
 
+from .checks import type_name
 from .fingerprint_walker import (
     BUILTIN_VALUE_TYPES,
     Result,
@@ -43,7 +44,6 @@ from .fingerprint_walker import (
     resolve,
     scalar_token,
     text,
-    type_name,
 )
 
 # ------------------------------------------------------------------ user vs library

@@ -29,6 +29,8 @@ from typing import Any
 
 import xxhash
 
+from .checks import type_name
+
 # Bumped only when the token format changes (which invalidates every cache).
 FORMAT = b"cachedata.fingerprint/1\x00"
 
@@ -131,13 +133,6 @@ SEQ_TAGS = {tuple: b"tuple", list: b"list"}
 def text(value: str) -> bytes:
     """UTF-8 bytes of ``value`` (lone surrogates kept) for use inside a node."""
     return value.encode("utf-8", "surrogatepass")
-
-
-def type_name(t: type) -> str:
-    """``module.qualname`` as error messages show it (builtins without module)."""
-    mod = getattr(t, "__module__", None)
-    qual = getattr(t, "__qualname__", getattr(t, "__name__", repr(t)))
-    return qual if mod in (None, "builtins") else f"{mod}.{qual}"
 
 
 def identity(obj: Any) -> str:

@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .checks import path_str, type_name
+
 if TYPE_CHECKING:
     import torch
 
@@ -88,15 +90,13 @@ _PIL_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "
 _warned_subclass: set[str] = set()
 
 
-class _Unstorable(TypeError):
+class Unstorable(TypeError):
     """Raised while flattening; the dataset prefixes the item index."""
 
 
-def path_str(path: tuple) -> str:
-    """Render a leaf's path inside an item, e.g. ``["meta"][2]``."""
-    return (
-        "".join(f"[{json.dumps(p)}]" if isinstance(p, str) else f"[{p}]" for p in path) or "(the item itself)"
-    )
+def _place(path: tuple) -> str:
+    """A leaf's place inside an item for messages, e.g. ``["meta"][2]``."""
+    return path_str(path) or "(the item itself)"
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,8 @@ def _flatten(x: Any, path: tuple, slots: list[int], chunks: list) -> dict:
             elif type(k) is int:
                 keys.append(["i", k])
             else:
-                raise _Unstorable(
-                    f"at {path_str(path)}: dict key {k!r} of type {type(k).__name__} cannot be stored; "
+                raise Unstorable(
+                    f"at {_place(path)}: dict key {k!r} of type {type_name(type(k))} cannot be stored; "
                     "use str or int keys"
                 )
             items.append(_flatten(v, (*path, k), slots, chunks))
@@ -200,15 +200,11 @@ def _flatten(x: Any, path: tuple, slots: list[int], chunks: list) -> dict:
         return _flatten_pil(x, path, slots, chunks)
     if isinstance(x, (dict, list, tuple)):
         hint = "a plain dict" if isinstance(x, dict) else "a plain list or tuple"
-        raise _Unstorable(f"at {path_str(path)}: cannot store {_type_name(x)}; return {hint}")
-    raise _Unstorable(
-        f"at {path_str(path)}: cannot store {_type_name(x)}; return a tensor, an ndarray, "
+        raise Unstorable(f"at {_place(path)}: cannot store {type_name(type(x))}; return {hint}")
+    raise Unstorable(
+        f"at {_place(path)}: cannot store {type_name(type(x))}; return a tensor, an ndarray, "
         "a number, str, bytes, None, or a dict/list/tuple of those"
     )
-
-
-def _type_name(x: Any) -> str:
-    return type(x).__qualname__
 
 
 def _homogeneous_list(x: list) -> str | None:
@@ -257,19 +253,19 @@ def _flatten_tensor(x: torch.Tensor, path: tuple, slots: list[int], chunks: list
                 )
                 return {"t": "tensor", "dtype": name, "ndim": arr.ndim}
     if type(x) is not torch.Tensor and not isinstance(x, torch.nn.Parameter):
-        name = _type_name(x)
+        name = type_name(type(x))
         if name not in _warned_subclass:
             _warned_subclass.add(name)
-            logger.warning("cachedata stores %s at %s as a plain torch.Tensor", name, path_str(path))
+            logger.warning("cachedata stores %s at %s as a plain torch.Tensor", name, _place(path))
         x = x.as_subclass(torch.Tensor)
     if x.layout != torch.strided or x.is_quantized or x.is_nested:
-        raise _Unstorable(
-            f"at {path_str(path)}: cannot store a {x.layout} / quantized / nested tensor; "
+        raise Unstorable(
+            f"at {_place(path)}: cannot store a {x.layout} / quantized / nested tensor; "
             "return a dense tensor (e.g. .to_dense())"
         )
     dtype = str(x.dtype).removeprefix("torch.")
     if dtype not in _TORCH_DTYPES:
-        raise _Unstorable(f"at {path_str(path)}: cannot store tensor dtype {x.dtype}")
+        raise Unstorable(f"at {_place(path)}: cannot store tensor dtype {x.dtype}")
     x = x.detach().resolve_conj().resolve_neg()
     if x.device.type != "cpu":
         x = x.cpu()
@@ -290,8 +286,8 @@ def _np_dtype_name(dt: np.dtype) -> tuple[str, bool]:
 def _flatten_array(x: np.ndarray, path: tuple, slots: list[int], chunks: list, kind: str) -> dict:
     dt = x.dtype
     if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.subdtype is not None:
-        raise _Unstorable(
-            f"at {path_str(path)}: cannot store an ndarray of dtype {dt}; "
+        raise Unstorable(
+            f"at {_place(path)}: cannot store an ndarray of dtype {dt}; "
             "return a numeric, bool, datetime or fixed-width string array"
         )
     name, flexible = _np_dtype_name(dt)
@@ -310,8 +306,8 @@ def _flatten_array(x: np.ndarray, path: tuple, slots: list[int], chunks: list, k
 
 def _flatten_pil(img: Any, path: tuple, slots: list[int], chunks: list) -> dict:
     if img.mode not in _PIL_MODES:
-        raise _Unstorable(
-            f"at {path_str(path)}: cannot store a PIL image of mode {img.mode!r}; "
+        raise Unstorable(
+            f"at {_place(path)}: cannot store a PIL image of mode {img.mode!r}; "
             f"convert it first (e.g. img.convert('RGB')); storable modes: {sorted(_PIL_MODES)}"
         )
     arr = np.asarray(img)
@@ -332,7 +328,7 @@ def difference(expected: dict, got: dict, path: tuple = ()) -> str | None:
     if expected == got:
         return None
     te, tg = expected.get("t"), got.get("t")
-    where = f"at {path_str(path)}"
+    where = f"at {_place(path)}"
     if te != tg:
         return f"{where}: {_describe(got)} where earlier items have {_describe(expected)}"
     if te == "dict":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import pickle
 from collections import OrderedDict, UserDict
 from typing import Any, NamedTuple
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 import cachedata.collate as collate_module
+import cachedata.placement as placement_module
 from cachedata.collate import CachedCollate
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -594,7 +596,7 @@ def test_main_process_path_uses_ordinary_memory() -> None:
 
 def test_worker_path_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Same decision without processes: every output kind (stacked, padded, numbers, lengths) is shared."""
-    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+    monkeypatch.setattr(placement_module, "get_worker_info", lambda: object())
     samples = [TokenDataset()[i] for i in range(4)]
     batch = CachedCollate(device="cuda")(samples)  # a CUDA target is ignored inside a worker
     tensors = _tensors(batch)
@@ -627,12 +629,12 @@ def test_device_cpu_keeps_batches_on_cpu() -> None:
 
 
 def _as_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(collate_module, "get_worker_info", lambda: object())
+    monkeypatch.setattr(placement_module, "get_worker_info", lambda: object())
 
 
 def _general_paths_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Turn the dict fast paths off: every column goes through _collate / _array_leaf."""
-    monkeypatch.setattr(collate_module, "_stack_plain", lambda batch, n, shared: None)
+    """Turn the dict fast paths off: every column goes through _collate / array_leaf."""
+    monkeypatch.setattr(collate_module, "stack_plain", lambda batch, n, shared: None)
     monkeypatch.setattr(collate_module, "_SCALAR_DTYPES", {})
 
 
@@ -719,7 +721,7 @@ def test_share_together_keeps_identity_shape_and_values() -> None:
     ]
     expected = [t.clone() for t in tensors]
     ids = [id(t) for t in tensors]
-    collate_module._share_together(tensors)
+    placement_module.share_together(tensors)
     assert [id(t) for t in tensors] == ids
     for got, want in zip(tensors, expected):
         assert got.is_shared() and got.is_contiguous()
@@ -858,3 +860,131 @@ def test_cuda_samples_already_on_device_are_collated_there() -> None:
     assert out.is_cuda and out.shape == (3, 2)
     with pytest.raises(ValueError, match=r"sample 1: device cpu differs from sample 0's cuda:0"):
         CachedCollate()([torch.ones(2, device="cuda"), torch.ones(3)])
+
+
+# -- collate_fn_map: teaching CachedCollate a type ---------------------------------------------------
+
+
+class Box:
+    """A user type CachedCollate has no rule for: kept a list unless collate_fn_map knows it."""
+
+    def __init__(self, ids: torch.Tensor, score: float) -> None:
+        self.ids = ids
+        self.score = score
+
+
+class RotatedBox(Box):
+    pass
+
+
+class Boxes(NamedTuple):
+    ids: torch.Tensor
+    scores: torch.Tensor
+
+
+def collate_boxes(batch: list[Box], *, collate_fn_map: dict[Any, Any]) -> Boxes:
+    """torch's collate_fn_map signature; the parts go back through CachedCollate's own rules."""
+    rest = collate_fn_map[object]
+    return Boxes(rest([b.ids for b in batch]), rest([b.score for b in batch]))
+
+
+def boxes(n: int = 3) -> list[dict[str, Any]]:
+    return [{"box": Box(torch.arange(1 + i) + 1, i / 2), "label": i} for i in range(n)]
+
+
+def test_collate_fn_map_teaches_a_type_and_its_parts_are_padded() -> None:
+    plain = CachedCollate()(boxes())
+    assert all(isinstance(b, Box) for b in plain["box"])  # without the map: a list, like str
+    batch = CachedCollate(pad_value={"box": -1}, collate_fn_map={Box: collate_boxes})(boxes())
+    assert list(batch) == ["box", "label"]  # a function's output gets no "_lengths" key
+    assert isinstance(batch["box"], Boxes)
+    assert batch["box"].ids.tolist() == [[1, -1, -1], [1, 2, -1], [1, 2, 3]]  # the key's pad value
+    assert_same(batch["box"].scores, torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+    assert_same(batch["label"], torch.tensor([0, 1, 2]))
+
+
+def test_collate_fn_map_resolves_types_like_torch() -> None:
+    calls: list[str] = []
+
+    def tagged(tag: str):
+        def fn(batch: list[Any], *, collate_fn_map: dict[Any, Any]) -> str:
+            calls.append(tag)
+            return tag
+
+        return fn
+
+    samples = [{"box": RotatedBox(torch.ones(1), 0.0), "n": 1, "pt": Pair(1, 2), "t": torch.ones(2)}] * 2
+    collate = CachedCollate(
+        collate_fn_map={numbers.Number: tagged("number"), Box: tagged("box"), tuple: tagged("tuple")}
+    )
+    batch = collate(samples)
+    # a subclass of an entry is taken by it, in the map's order; a namedtuple is a tuple
+    assert batch["box"] == "box" and batch["pt"] == "tuple"
+    # built-in leaf types are taken over only by an entry for their exact type, as in torch
+    assert_same(batch["n"], torch.tensor([1, 1]))
+    assert_same(batch["t"], torch.ones(2, 2))
+    exact = CachedCollate(collate_fn_map={int: tagged("int"), torch.Tensor: tagged("tensor")})(samples)
+    assert exact["n"] == "int" and exact["t"] == "tensor"
+    assert "number" not in calls
+
+
+def test_collate_fn_map_entry_for_mapping_takes_over_the_samples() -> None:
+    def keys_only(batch: list[dict[str, Any]], *, collate_fn_map: dict[Any, Any]) -> list[list[str]]:
+        return [sorted(d) for d in batch]
+
+    assert CachedCollate(collate_fn_map={dict: keys_only})([{"b": 1, "a": 2}]) == [["a", "b"]]
+
+
+def test_collate_fn_map_errors_name_the_function_and_place() -> None:
+    def broken(batch: list[Box], *, collate_fn_map: dict[Any, Any]) -> None:
+        raise RuntimeError("no boxes today")
+
+    with pytest.raises(RuntimeError, match="no boxes today") as info:
+        CachedCollate(collate_fn_map={Box: broken})(boxes())
+    assert 'collate_fn_map function for test_collate.Box at ["box"]' in "\n".join(info.value.__notes__)
+
+
+@pytest.mark.parametrize(
+    ("fn_map", "message"),
+    [
+        ([(Box, collate_boxes)], r"collate_fn_map=\[.*\]\): expected a dict mapping types to functions"),
+        ({"Box": collate_boxes}, r"key 'Box' is not a type or a tuple of types"),
+        ({(): collate_boxes}, r"key \(\) is not a type"),
+        ({Box: "collate_boxes"}, r"the value for <class .*Box'> is 'collate_boxes', which is not callable"),
+    ],
+)
+def test_collate_fn_map_is_validated(fn_map: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        CachedCollate(collate_fn_map=fn_map)
+
+
+def test_collate_fn_map_pickles_and_shows_in_repr() -> None:
+    collate = CachedCollate(collate_fn_map={(Box, RotatedBox): collate_boxes})
+    assert "collate_fn_map={(<class 'test_collate.Box'>" in repr(collate)
+    assert "collate_fn_map" not in repr(CachedCollate())
+    clone = pickle.loads(pickle.dumps(collate))
+    assert_same(clone(boxes()), collate(boxes()))
+
+
+class BoxDataset(Dataset):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"box": Box(torch.arange(1 + i % 3), float(i)), "label": i}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_collate_fn_map_in_workers(context: str) -> None:
+    collate = CachedCollate(collate_fn_map={Box: collate_boxes})
+    expected = list(DataLoader(BoxDataset(), batch_size=3, collate_fn=collate))
+    got = list(
+        DataLoader(
+            BoxDataset(), batch_size=3, collate_fn=collate, num_workers=2, multiprocessing_context=context
+        )
+    )
+    assert len(got) == 2
+    for a, b in zip(got, expected, strict=True):
+        assert isinstance(a["box"], Boxes)
+        assert_same(a, b)

@@ -85,7 +85,7 @@ def test_each_iter_starts_a_new_pass() -> None:
 @pytest.mark.parametrize(
     ("prefetch", "error", "message"),
     [
-        (0, ValueError, r"prefetch=0\): needs at least 1"),
+        (0, ValueError, r"prefetch=0\): expected an int >= 1"),
         (-2, ValueError, r"prefetch=-2"),
         (1.5, TypeError, r"prefetch=1\.5\): expected an int"),
         (True, TypeError, r"prefetch=True"),

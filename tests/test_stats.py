@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,45 @@ from helpers import LogCalls, Ragged, count_calls, identity_batch
 from torch.utils.data import DataLoader
 
 from cachedata import CachedDataset
-from cachedata.stats import _FIELDS, _WORKER_ROWS, Counters, row_of
+from cachedata.stats import _FIELDS, _HOLDER, _ROWS, Counters
 
 
-def test_worker_rows_never_share_the_owners_row():
-    assert row_of(None) == 0
-    rows = {row_of(w) for w in range(4 * _WORKER_ROWS)}
-    assert 0 not in rows, "a worker writing the owner's row races with it and loses counts"
-    assert rows == set(range(1, _WORKER_ROWS + 1))
-    assert row_of(_WORKER_ROWS) == row_of(0)  # wraps among workers only
+def _holders(counters: Counters) -> list[int]:
+    """The pid in each row's holder cell, over every block (0: never handed out)."""
+    return [int(h) for block in counters._blocks for h in block[:, _HOLDER].tolist()]
+
+
+def _pid_batch(batch: list) -> int:
+    return os.getpid()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize(("start_method", "workers"), [("fork", _ROWS + 4), ("spawn", 3)])
+def test_every_worker_counts_in_a_row_of_its_own(tmp_path, start_method, workers):
+    """More workers than a block has rows: still one row each, none shared with the owner.
+
+    A second epoch's workers take the rows of the first epoch's, which have exited.
+    """
+    ds = CachedDataset(Ragged(workers), tmp_path / "c", transform=identity_batch)
+    for epoch in range(2):
+        loader = DataLoader(
+            ds,
+            batch_size=1,  # batch i goes to worker i: every worker counts exactly one item
+            num_workers=workers,
+            collate_fn=_pid_batch,
+            multiprocessing_context=start_method,
+        )
+        pids = list(loader)
+        del loader
+        assert len(set(pids)) == workers
+        holders = _holders(ds._counters)
+        assert holders[0] == os.getpid(), "row 0 stays the owner's"
+        assert sorted(h for h in holders if h in pids) == sorted(pids), "each worker holds exactly one row"
+        stats = ds.stats
+        assert stats.misses == workers, "each item is computed once, by one worker"
+        assert stats.hits + stats.misses == workers * (epoch + 1), stats
+    assert len(ds._counters._blocks) == -(-(1 + workers) // _ROWS), "rows of exited workers are reused"
 
 
 def test_counters_add_every_field_to_its_own_column():

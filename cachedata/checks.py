@@ -17,7 +17,7 @@ __all__ = ["is_positive_int", "path_str", "type_name"]
 
 def is_positive_int(value: object) -> bool:
     """True for an integer >= 1 (a Python or numpy int; ``True`` is not a number here)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= 1
 
 
 def type_name(t: type) -> str:

@@ -244,10 +244,11 @@ class CachedCollate:
         try:
             out = fn(batch, collate_fn_map=fn_map)
         except Exception as exc:
-            exc.add_note(
-                f"in CachedCollate's collate_fn_map function for {type_name(type(batch[0]))} "
-                f"at {path_str(path) or 'the sample'}"
-            )
+            if hasattr(exc, "add_note"):  # Python >= 3.11; on 3.10 the error goes on unannotated
+                exc.add_note(
+                    f"in CachedCollate's collate_fn_map function for {type_name(type(batch[0]))} "
+                    f"at {path_str(path) or 'the sample'}"
+                )
             raise
         if call.target is not None:  # like every other output, to the device it was asked for
             out = to_device(out, call.target, non_blocking=call.non_blocking)

@@ -188,7 +188,7 @@ class Counters:
         """
         if self._cells is None:
             self._attach()
-        total = sum(block[:, :_WIDTH].sum(0) for block in self._blocks).tolist()
+        total = torch.stack([block[:, :_WIDTH].sum(0) for block in self._blocks]).sum(0).tolist()
         ints = [round(v) for v in total[:5]]
         return CacheStats(*ints, compute_seconds=total[5], read_seconds=total[6])
 

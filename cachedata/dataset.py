@@ -18,13 +18,14 @@ from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 from . import buffers
 from . import schema as schema_mod
 from ._version import __version__
-from .budget import Tracker, explicit_limit
+from .budget import explicit_limit
 from .fingerprint import diff_trees, fingerprint, fingerprint_tree
 from .metadata import read_meta
 from .namespace import Identity, ReadOnly, Store
 from .paths import default_cache_dir
 from .stats import CacheStats, Counters
 from .storage import FORMAT_VERSION
+from .tracker import Tracker
 
 logger = logging.getLogger("cachedata")
 

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from .fileset import LOCK_NAME as MERGE_LOCK_NAME
 from .fileset import lock_stale, retire, shared_filesystem
@@ -59,6 +60,18 @@ class Removal:
     bytes: int
     removed: bool
     why_kept: str = ""  # when not removed: in use by whom, being merged, or the error
+    failed: bool = False  # not removed because of an error (not because it is in use)
+
+
+class Folder(Protocol):
+    """What ``remove`` needs to know of a namespace (a NamespaceUsage, an admin.NamespaceInfo)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def bytes(self) -> int: ...
 
 
 def enforce(
@@ -92,10 +105,12 @@ def enforce(
             if _busy_now(n.path):
                 busy += n.bytes
                 continue
-            away = _take_away(cache_dir, n)
-            if away is not None:
-                doomed.append((n, away))
-                total -= n.bytes
+            try:
+                away = _take_away(cache_dir, n)
+            except OSError:
+                continue
+            doomed.append((n, away))
+            total -= n.bytes
     evicted = []
     for n, away in doomed:
         _delete(away)
@@ -116,7 +131,7 @@ def enforce(
 
 def remove(
     cache_dir: str | os.PathLike,
-    namespaces: Sequence[NamespaceUsage],
+    namespaces: Sequence[Folder],
     *,
     unused_only: bool,
     wait: float = LOCK_WAIT_SECONDS,
@@ -143,12 +158,15 @@ def remove(
                     why = "in use by this process"
                 else:
                     why = _busy_now(n.path)
-            away = None if why else _take_away(cache_dir, n)
-            if away is None and not why and Path(n.path).exists():
-                why = f"cannot rename {n.path} out of the folder"
-            if away is not None:
-                doomed.append(away)
-            out.append(Removal(n.fingerprint, n.path, n.bytes, not why, why))
+            failed = False
+            if not why:
+                try:
+                    doomed.append(_take_away(cache_dir, n))
+                except FileNotFoundError:
+                    pass  # gone already
+                except OSError as exc:
+                    why, failed = f"cannot rename it out of the folder: {exc}", True
+            out.append(Removal(n.fingerprint, n.path, n.bytes, not why, why, failed))
     for away in doomed:
         _delete(away)
     sweep_evicted(cache_dir)
@@ -166,14 +184,11 @@ def _busy_now(path: str) -> str:
     return ""
 
 
-def _take_away(cache_dir: Path, n: NamespaceUsage) -> Path | None:
+def _take_away(cache_dir: Path, n: Folder) -> Path:
     """Rename a namespace folder out of the listing in one step (a process opening it now sees
-    all or nothing); None when that failed (it is gone already, or cannot be renamed)."""
+    all or nothing); OSError when it cannot (FileNotFoundError: it is gone already)."""
     away = cache_dir / f"{EVICTED_PREFIX}{time.time_ns()}-{n.fingerprint}"
-    try:
-        os.rename(n.path, away)
-    except OSError:
-        return None
+    os.rename(n.path, away)
     return away
 
 

@@ -18,6 +18,7 @@ import multiprocessing.util
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,17 @@ class Identity:
 
 class ReadOnly(Exception):
     """The namespace folder cannot be written."""
+
+
+@dataclass(frozen=True)
+class FileCheck:
+    """One data file as ``Store.check_files`` found it."""
+
+    name: str
+    rows: int  # index rows checked (0 when the file could not be opened)
+    bad: tuple[tuple[int | None, str], ...]  # (key, reason); key None: the whole file is unreadable
+    vanished: bool = False  # merged away before it could be checked (its items are in a newer file)
+    error: str = ""  # why it could not be checked now (an environmental error, not corruption)
 
 
 Payload = tuple[bytearray | np.ndarray, list[int]]
@@ -239,15 +251,20 @@ class Store:
             except (CorruptFile, TransientError, FileNotFoundError, ValueError):
                 continue
 
+    def _checked_index(self, name: str) -> FileIndex:
+        """A file's index, checked against the namespace's schema (CorruptFile when it differs)."""
+        fi = read_index(self.path / name, namespace=self.fingerprint)
+        if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
+            raise CorruptFile(f"{self.path / name}: its item schema differs from the namespace's")
+        if fi.slots.shape[1] != self.decoder.nslots:
+            raise CorruptFile(
+                f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
+            )
+        return fi
+
     def _load(self, name: str) -> bool:
         try:
-            fi = read_index(self.path / name, namespace=self.fingerprint)
-            if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
-                raise CorruptFile(f"{self.path / name}: its item schema differs from the namespace's")
-            if fi.slots.shape[1] != self.decoder.nslots:
-                raise CorruptFile(
-                    f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
-                )
+            fi = self._checked_index(name)
         except FileNotFoundError:
             self.vanished = True  # merged and removed between listing and opening
             return False
@@ -431,6 +448,57 @@ class Store:
             "cachedata: corrupt data in %s (%s); affected items are recomputed and rewritten",
             seg.fi.path, why,
         )  # fmt: skip
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def check_files(
+        self, *, grow: Callable[[int], None] | None = None, progress: Callable[[int], None] | None = None
+    ) -> list[FileCheck]:
+        """Read every item of every data file and check it against its checksum (``cachedata verify``).
+
+        A report only: nothing is discarded, retired or warned about. The folder is listed
+        again until no new file appears (a merge running meanwhile writes one), four times at
+        most; ``grow`` gets the rows of newly listed files before they are checked,
+        ``progress`` the rows checked as it goes.
+        """
+        self.check_pid()
+        if not self._load_schema():
+            self._schema_from_files([f.name for f in fileset.list_files(self.path).files])
+        done: set[str] = set()
+        out: list[FileCheck] = []
+        for _ in range(4):
+            todo = [f.name for f in fileset.list_files(self.path).files if f.name not in done]
+            if not todo:
+                break
+            done.update(todo)
+            loaded: list[FileIndex] = []
+            for name in todo:
+                try:
+                    if self.schema is None:
+                        raise CorruptFile(f"{self.path / name}: no readable item schema in the namespace")
+                    loaded.append(self._checked_index(name))
+                except FileNotFoundError:
+                    out.append(FileCheck(name, 0, (), vanished=True))
+                except TransientError as exc:
+                    out.append(FileCheck(name, 0, (), error=f"{exc}; raise {storage.limit_hint(exc)}"))
+                except (CorruptFile, ValueError) as exc:
+                    gone = not (self.path / name).exists()
+                    why = f"unreadable file: {str(exc).removeprefix(f'{self.path / name}: ')}"
+                    out.append(FileCheck(name, 0, () if gone else ((None, why),), vanished=gone))
+            if grow is not None:
+                grow(sum(len(fi) for fi in loaded))
+            for fi in loaded:
+                try:
+                    bad = storage.check_file(fi, map_file=self.map_files, progress=progress)
+                except FileNotFoundError:
+                    out.append(FileCheck(fi.path.name, 0, (), vanished=True))
+                except TransientError as exc:
+                    out.append(
+                        FileCheck(fi.path.name, 0, (), error=f"{exc}; raise {storage.limit_hint(exc)}")
+                    )
+                else:
+                    out.append(FileCheck(fi.path.name, len(fi), tuple(bad)))
+        return out
 
     # -- writing --------------------------------------------------------------------------
 

@@ -89,6 +89,22 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return total
 
 
+def _marks_namespace(name: str) -> bool:
+    """A file name that only cachedata writes into a namespace folder."""
+    return name in ("meta.json", "schema.json") or bool(
+        SHARD_RE.match(name) or RUN_RE.match(name) or LEASE_RE.match(name)
+    )
+
+
+def is_namespace(path: str | os.PathLike) -> bool:
+    """True for a folder that holds what cachedata writes into a namespace (not a cache_dir)."""
+    try:
+        with os.scandir(path) as it:
+            return any(_marks_namespace(e.name) for e in it)
+    except OSError:
+        return False
+
+
 def namespace_usage(path: str | os.PathLike, *, now: float | None = None) -> NamespaceUsage | None:
     """Measure one folder; None when it is not a namespace (nothing cachedata wrote in it)."""
     path = Path(path)
@@ -114,10 +130,7 @@ def namespace_usage(path: str | os.PathLike, *, now: float | None = None) -> Nam
             stamps[name] = st.st_mtime
         if name == MERGE_LOCK_NAME:
             merging = not lock_stale(Path(e.path))
-        if name in ("meta.json", "schema.json") or SHARD_RE.match(name) or RUN_RE.match(name):
-            looks_like = True
-        elif LEASE_RE.match(name):
-            looks_like = True
+        looks_like = looks_like or _marks_namespace(name)
     if not looks_like:
         return None
     source = next((name for name in ("last_used", "meta.json") if stamps.get(name)), "folder")
@@ -148,7 +161,7 @@ def measure(cache_dir: str | os.PathLike, *, now: float | None = None) -> list[N
     return sorted(found, key=lambda n: (n.last_used, n.fingerprint))
 
 
-def usage(cache_dir: str | os.PathLike, explicit: Limit | None = None) -> Usage:
+def folder_usage(cache_dir: str | os.PathLike, explicit: Limit | None = None) -> Usage:
     """The folder, its namespaces and its budget, as ``cachedata info`` and ``budget`` show them."""
     pending = 0
     with contextlib.suppress(OSError), os.scandir(cache_dir) as it:

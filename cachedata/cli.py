@@ -97,10 +97,6 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2))
 
 
-def _progress_enabled(flag: bool | None) -> bool:
-    return sys.stderr.isatty() if flag is None else flag
-
-
 def _fail(args: argparse.Namespace, message: str) -> None:
     print(f"{args.parser.prog}: {message}", file=sys.stderr)
 
@@ -145,12 +141,8 @@ def _targets(args: argparse.Namespace, path: Path) -> list[Path]:
 # ============================================================================ info
 
 
-def _info_json(info: NamespaceInfo, now: float) -> dict:
-    out = asdict(info)
-    out["in_use_by"] = list(info.in_use_by)
-    out["created_iso"] = _iso(info.created)
-    out["last_used_iso"] = _iso(info.last_used)
-    return out
+def _info_json(info: NamespaceInfo) -> dict:
+    return {**asdict(info), "created_iso": _iso(info.created), "last_used_iso": _iso(info.last_used)}
 
 
 def _budget_json(u: Usage) -> dict:
@@ -257,7 +249,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     now = time.time()
     if args.json:
         out = {"path": found.path, "items_counted": found.items_counted,
-               "namespaces": [_info_json(i, now) for i in found.namespaces], "budget": _budget_json(found.usage)}  # fmt: skip
+               "namespaces": [_info_json(i) for i in found.namespaces], "budget": _budget_json(found.usage)}  # fmt: skip
         if not found.namespaces:
             out["cache_folders"] = [asdict(f) for f in found.cache_folders]
         _print_json(out)
@@ -312,7 +304,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     path = _resolve_path(args)
     targets = _targets(args, path)
-    enabled = _progress_enabled(args.progress)
+    enabled = sys.stderr.isatty() if args.progress is None else args.progress
     bar = tqdm(total=0, desc="verifying", unit="item", file=sys.stderr, disable=not enabled)
 
     def grow(n: int) -> None:
@@ -345,7 +337,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     path = _resolve_path(args)
-    progress = _progress_enabled(args.progress)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
     results = [
         admin.merge_namespace(p, wait=args.wait, progress=progress, full=args.full)
         for p in _targets(args, path)

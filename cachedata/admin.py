@@ -154,8 +154,8 @@ def inspect_namespace(
     found = found or namespace_usage(path) or NamespaceUsage(str(path), path.name, 0, time.time(), (), False)
     meta = metadata.read_meta(path)
     listing = fileset.list_files(path)
-    dataset = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
-    transform = meta.get("transform") if isinstance(meta.get("transform"), dict) else {}
+    dataset: dict = meta["dataset"] if isinstance(meta.get("dataset"), dict) else {}
+    transform: dict = meta["transform"] if isinstance(meta.get("transform"), dict) else {}
     created = meta.get("created")
     fmt = meta.get("cachedata_format")
     return NamespaceInfo(

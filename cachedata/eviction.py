@@ -212,7 +212,7 @@ def sweep_evicted(cache_dir: str | os.PathLike) -> None:
     """Finish deleting evicted namespaces: those left by a killed process, and (on a network
     filesystem) those whose retired files are past their grace period."""
     try:
-        entries = [e for e in os.scandir(cache_dir) if e.name.startswith(EVICTED_PREFIX)]
+        entries = [e for e in os.scandir(os.fspath(cache_dir)) if e.name.startswith(EVICTED_PREFIX)]
     except OSError:
         return
     for e in entries:

@@ -75,7 +75,7 @@ def holders(path: str | os.PathLike, *, now: float | None = None) -> list[Holder
     """Every lease file in a namespace folder, live or not."""
     out: list[Holder] = []
     try:
-        entries = [e for e in os.scandir(path) if LEASE_RE.match(e.name)]
+        entries = [e for e in os.scandir(os.fspath(path)) if LEASE_RE.match(e.name)]
     except OSError:
         return out
     host = socket.gethostname()

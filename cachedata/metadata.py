@@ -405,6 +405,6 @@ def _difference(old: dict, new: dict) -> Difference:
     for part in ("version", "key"):
         if part in parts:
             changes.append(f"{part}=: {value(old, part)!r} -> {value(new, part)!r}")
-    trees = [m.get("tree") if isinstance(m.get("tree"), dict) else {} for m in (old, new)]
+    trees: list[dict] = [m["tree"] if isinstance(m.get("tree"), dict) else {} for m in (old, new)]
     changes += diff_trees(trees[0], trees[1])
     return Difference(str(old.get("fingerprint")), parts, tuple(changes))

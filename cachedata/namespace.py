@@ -1,7 +1,8 @@
 """One namespace folder as one process sees it: the store that CachedDataset, warm and the CLI use.
 
 The interface is small: ``count``, ``find``/``contains`` (presence), ``get_one``,
-``get_many``, ``put``, ``seal``, ``consolidate`` and ``destroy``. Behind it, the file format
+``get_many``, ``put``, ``seal``, ``consolidate``, ``destroy``, and ``check_files`` for
+``cachedata verify``. Behind it, the file format
 lives in ``storage``, the set of files and their tiers in ``fileset``, the shared index in
 ``index`` and merging in ``compaction``. Every process writes only its own shards (one
 writer per file, no locks on the hot path); readers see the union of runs and shards. All

@@ -81,7 +81,7 @@ def tree_bytes(path: str) -> int:
 def folder_bytes(path: str | os.PathLike) -> int:
     """Bytes of the files directly in one namespace folder, retired ones left out."""
     total = 0
-    with contextlib.suppress(OSError), os.scandir(path) as it:
+    with contextlib.suppress(OSError), os.scandir(os.fspath(path)) as it:
         for e in it:
             if not e.name.startswith("retired-"):
                 with contextlib.suppress(OSError):
@@ -99,7 +99,7 @@ def _marks_namespace(name: str) -> bool:
 def is_namespace(path: str | os.PathLike) -> bool:
     """True for a folder that holds what cachedata writes into a namespace (not a cache_dir)."""
     try:
-        with os.scandir(path) as it:
+        with os.scandir(os.fspath(path)) as it:
             return any(_marks_namespace(e.name) for e in it)
     except OSError:
         return False
@@ -111,7 +111,7 @@ def namespace_usage(path: str | os.PathLike, *, now: float | None = None) -> Nam
     now = time.time() if now is None else now
     total, stamps, looks_like, merging = 0, {}, False, False
     try:
-        entries = list(os.scandir(path))
+        entries = list(os.scandir(os.fspath(path)))
     except OSError:
         return None
     for e in entries:
@@ -148,7 +148,7 @@ def measure(cache_dir: str | os.PathLike, *, now: float | None = None) -> list[N
     """Every namespace under ``cache_dir``, least recently used first."""
     now = time.time() if now is None else now
     try:
-        entries = list(os.scandir(cache_dir))
+        entries = list(os.scandir(os.fspath(cache_dir)))
     except OSError:
         return []
     found = []
@@ -164,7 +164,7 @@ def measure(cache_dir: str | os.PathLike, *, now: float | None = None) -> list[N
 def folder_usage(cache_dir: str | os.PathLike, explicit: Limit | None = None) -> Usage:
     """The folder, its namespaces and its budget, as ``cachedata info`` and ``budget`` show them."""
     pending = 0
-    with contextlib.suppress(OSError), os.scandir(cache_dir) as it:
+    with contextlib.suppress(OSError), os.scandir(os.fspath(cache_dir)) as it:
         for e in it:
             if e.name.startswith(EVICTED_PREFIX) and e.is_dir(follow_symlinks=False):
                 pending += tree_bytes(e.path)

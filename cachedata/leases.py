@@ -151,7 +151,9 @@ class Lease:
         self._refreshed = -math.inf
         key = str(path)
         _HELD[key] = _HELD.get(key, 0) + 1
-        self._finalizer = weakref.finalize(self, _drop_lease, path / self.name, key, self.owner)
+        self._finalizer: weakref.finalize | None = weakref.finalize(
+            self, _drop_lease, path / self.name, key, self.owner
+        )
 
     @property
     def file(self) -> Path:

@@ -74,7 +74,7 @@ class Tracker:
         self._checked = -math.inf  # monotonic time of the last full look
         self._limit: int | None = None
         self._usage = 0  # the folder's bytes at the last look
-        self._others = 0  # of those, bytes outside this namespace
+        self._others: float = 0  # of those, bytes outside this namespace (-inf: look again soon)
         self._in_use = 0  # of _usage, bytes that could not be evicted
         self.message: str | None = None  # why this process stopped storing
 

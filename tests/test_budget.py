@@ -341,8 +341,11 @@ def test_two_concurrent_jobs_never_evict_each_other(tmp_path):
         Path(summary["path"]).exists() or Path(summary["path"]).name[:12] in jobs_gone
         for summary, _ in results
     )
-    # A final look with the same budget: the folder fits, keeping the jobs' namespaces.
-    done = eviction.enforce(cache, limit)
+    # A final look with the same budget, keeping the jobs' namespaces: the folder fits. (Without
+    # `keep`, a job's namespace may be the least recently used one by now: the jobs' last looks
+    # can leave the folder over by what the other job wrote since, see tracker.CHECK_SECONDS.)
+    kept = tuple(summary["path"] for summary, _ in results if Path(summary["path"]).exists())
+    done = eviction.enforce(cache, limit, keep=kept)
     assert done.locked and done.bytes <= limit
     assert all(e.fingerprint[:12] in old_names for e in done.evicted), done  # what is left of the olds
     nothing_left_behind(cache)

@@ -27,9 +27,10 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import buffers, compaction, fileset, metadata, storage
+from . import buffers, compaction, fileset, metadata, scrub, storage
 from . import schema as schema_mod
 from .index import Index, Segment
+from .scrub import FileCheck
 from .storage import MAP_BELOW, CorruptFile, FileIndex, TransientError, checksum, read_index, write_file
 
 logger = logging.getLogger("cachedata")
@@ -60,17 +61,6 @@ class Identity:
 
 class ReadOnly(Exception):
     """The namespace folder cannot be written."""
-
-
-@dataclass(frozen=True)
-class FileCheck:
-    """One data file as ``Store.check_files`` found it."""
-
-    name: str
-    rows: int  # index rows checked (0 when the file could not be opened)
-    bad: tuple[tuple[int | None, str], ...]  # (key, reason); key None: the whole file is unreadable
-    vanished: bool = False  # merged away before it could be checked (its items are in a newer file)
-    error: str = ""  # why it could not be checked now (an environmental error, not corruption)
 
 
 Payload = tuple[bytearray | np.ndarray, list[int]]
@@ -490,7 +480,7 @@ class Store:
                 grow(sum(len(fi) for fi in loaded))
             for fi in loaded:
                 try:
-                    bad = storage.check_file(fi, map_file=self.map_files, progress=progress)
+                    bad = scrub.check_file(fi, map_file=self.map_files, progress=progress)
                 except FileNotFoundError:
                     out.append(FileCheck(fi.path.name, 0, (), vanished=True))
                 except TransientError as exc:

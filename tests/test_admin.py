@@ -22,7 +22,7 @@ import h5py
 import pytest
 from helpers import LogCalls, Ragged, count_calls
 
-from cachedata import CachedDataset, admin, eviction, leases, storage
+from cachedata import CachedDataset, admin, eviction, leases, scrub, storage
 from cachedata.metadata import nearest_sibling, read_meta
 
 DAY = 86400.0
@@ -169,10 +169,10 @@ def test_check_file_finds_a_row_that_points_outside_the_data(tmp_path):
     sizes = fi.sizes.copy()
     sizes[2] = fi.data_bytes + 1
     fake = storage.FileIndex(**{**fi.__dict__, "sizes": sizes})
-    assert storage.check_file(fake, map_file=True) == [
+    assert scrub.check_file(fake, map_file=True) == [
         (int(fi.keys[2]), f"its index row points outside /data ({fi.data_bytes} bytes)")
     ]
-    assert storage.check_file(fi, map_file=False) == []  # read with preadv instead of the map
+    assert scrub.check_file(fi, map_file=False) == []  # read with preadv instead of the map
 
 
 # ----------------------------------------------------------------------------- merge

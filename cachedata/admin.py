@@ -2,9 +2,10 @@
 
 What the ``cachedata`` command line does, as functions that return frozen records and
 print nothing. A PATH is a cache_dir (a folder of namespace folders) or one namespace
-folder. Every file is reached through the storage layers: names, listings and locks
-through ``fileset``, sizes, last uses and leases through ``usage``/``leases``, deletion
-through ``eviction``, the data files through ``namespace.Store``.
+folder, whose last part is the fingerprint (so not ``.``: the CLI makes paths absolute).
+Every file is reached through the storage layers: names, listings and locks through
+``fileset``, sizes, last uses and leases through ``usage``/``leases``, deletion through
+``eviction``, the data files through ``namespace.Store``.
 
 ``inspect`` reads meta.json, file names, sizes and lease files only, so that ``cachedata
 info`` starts without numpy or HDF5 (issue 17: under 0.3 s). Counting items means loading
@@ -197,13 +198,13 @@ def count_items(path: Path) -> int:
 def inspect(path: Path, *, namespace: str | None = None, items: bool = False) -> Inspection:
     """The namespaces under PATH (or the one whose fingerprint starts with ``namespace``),
     with the cache folder's budget; ValueError for an unknown or ambiguous ``namespace``."""
-    targets = find_namespaces(path)
-    if namespace is not None:
-        targets = [select_namespace(targets, namespace, path)]
-    # Siblings live in the cache_dir: the parent when PATH is one namespace folder.
-    cache_dir = cache_dir_of(path)
+    one = is_namespace(path)
+    cache_dir = path.parent if one else path  # siblings live in the cache_dir
     usage, note = budget_usage(cache_dir)
     by_path = {n.path: n for n in usage.namespaces}
+    targets = [path] if one else sorted(Path(p) for p in by_path)  # as find_namespaces, from one scan
+    if namespace is not None:
+        targets = [select_namespace(targets, namespace, path)]
     metas = metadata.read_metas(cache_dir)
     infos = [inspect_namespace(p, items=items, found=by_path.get(str(p)), siblings=metas) for p in targets]
     infos.sort(key=lambda i: -i.last_used)

@@ -120,6 +120,7 @@ def _duration_arg(text: str) -> float:
 
 def _resolve_path(args: argparse.Namespace) -> Path:
     path = Path(args.path).expanduser() if args.path is not None else default_cache_dir()
+    path = Path(os.path.abspath(path))  # "." names no namespace; a fingerprint is a folder name
     if not path.exists():
         raise UsageError(f"PATH {path} does not exist; pass a cache_dir or one namespace folder in it")
     if not path.is_dir():

@@ -19,7 +19,9 @@ spread = (max - min) / median across the repeats):
 5. fingerprint of a 100 MB model. PASS at < 1 s.
 6. cli      ``cachedata info PATH`` on a cache of 10 namespaces (half merged, half in shards),
             a fresh interpreter each time, vs ``python -c pass``, interleaved. PASS when
-            ``info`` takes < 0.3 s; --help and --version are timed too (diagnostic).
+            ``info`` takes < 0.3 s (it reads meta.json, names, sizes and leases: no numpy, no
+            HDF5); --help, --version and ``info --items`` (which reads every file's index)
+            are timed too (diagnostic).
 
 Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4,5,6] [--out PATH]
 Writes the results as JSON (default benchmarks/results/core.json); exit status 1 on a FAIL.
@@ -608,6 +610,7 @@ def case_cli(n: int, repeats: int, tmp_root: str | None) -> dict[str, Any]:
             "python -c pass": [sys.executable, "-c", "pass"],
             "cachedata --version": [*cli, "--version"],
             "cachedata --help": [*cli, "--help"],
+            "cachedata info --items": [*cli, "info", "--items", str(cache)],
             "cachedata info": [*cli, "info", str(cache)],
         }
         times = interleaved({k: run(k, v) for k, v in commands.items()}, repeats)

@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
 
-from . import buffers
+from . import buffers, metadata
 from . import schema as schema_mod
 from ._version import __version__
-from .budget import Tracker, explicit_limit
-from .fingerprint import diff_trees, fingerprint, fingerprint_tree
-from .metadata import read_meta
+from .budget import explicit_limit
+from .fingerprint import fingerprint, fingerprint_tree
 from .namespace import Identity, ReadOnly, Store
 from .paths import default_cache_dir
 from .stats import CacheStats, Counters
 from .storage import FORMAT_VERSION
+from .tracker import Tracker
 
 logger = logging.getLogger("cachedata")
 
@@ -570,56 +570,20 @@ _explained: set[str] = set()
 def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
     """Say, once per process and at WARNING, why a cache starts cold beside older namespaces.
 
-    Compares the new namespace's fingerprint tree with each sibling's of the same dataset
-    type (their meta.json; damaged ones are skipped) and names the differing attribute
-    paths of the closest one in words.
+    Names what differs from the nearest sibling of the same dataset type (see
+    ``metadata.nearest_sibling``; damaged meta.json files are skipped), in words.
     """
     where = str(cache_dir / meta["fingerprint"])
     if where in _explained:
         return
-    try:
-        siblings = [p for p in cache_dir.iterdir() if p.name != meta["fingerprint"] and p.is_dir()]
-    except OSError:
+    diff = metadata.nearest_sibling(meta, metadata.read_metas(cache_dir))
+    if diff is None:
         return
-    best: tuple[int, dict, list[str]] | None = None
-    for folder in siblings:
-        other = read_meta(folder)
-        dataset = other.get("dataset")
-        if not isinstance(dataset, dict) or dataset.get("type") != meta["dataset"]["type"]:
-            continue
-        tree = other.get("tree")
-        lines = diff_trees(tree if isinstance(tree, dict) else {}, meta["tree"])
-        if best is None or len(lines) < best[0]:
-            best = (len(lines), other, lines)
-    if best is None:
-        return
-    _, other, lines = best
     _explained.add(where)
-
-    def part(name: str) -> Any:
-        value = other.get(name)
-        return value.get("fingerprint") if isinstance(value, dict) else None
-
-    parts = [
-        name
-        for name, a, b in (
-            ("dataset", part("dataset"), meta["dataset"]["fingerprint"]),
-            ("transform", part("transform"), meta["transform"]["fingerprint"]),
-            ("version", other.get("version"), meta["version"]),
-            ("key", other.get("key"), meta["key"]),
-            ("on-disk format", other.get("cachedata_format"), meta["cachedata_format"]),
-        )
-        if a != b
-    ]
-    if other.get("cachedata_format") != meta["cachedata_format"]:
-        lines = [
-            f"on-disk format: {other.get('cachedata_format')} -> {meta['cachedata_format']} "
-            "(written by another cachedata version, never read by this one)",
-            *lines,
-        ]
+    lines = diff.changes
     shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
     # A version= bump is the user's own request for a fresh namespace: say so, but quietly.
-    say = logger.info if parts == ["version"] else logger.warning
+    say = logger.info if diff.version_only else logger.warning
     say(
         "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
         "Its items are computed again into %s. If that difference should not matter, leave it out of "
@@ -627,8 +591,8 @@ def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
         "type) and pin the namespace by hand with version='...', bumped when outputs should change",
         meta["fingerprint"][:12],
         meta["dataset"]["type"],
-        str(other.get("fingerprint", "?"))[:12],
-        ", ".join(parts) or "nothing recorded",
+        diff.fingerprint[:12],
+        ", ".join(diff.parts) or "nothing recorded",
         shown or "(no attribute-level difference recorded)",
         cache_dir / meta["fingerprint"],
     )

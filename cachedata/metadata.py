@@ -15,6 +15,11 @@ that may crash a job or make it serve wrong data:
 
 Every write goes to a temporary name in the same folder, then ``os.replace``. Nothing
 here follows a symbolic link: a link in place of a metadata file is treated as damage.
+
+``nearest_sibling`` says why a namespace exists beside older ones of the same dataset type
+(what CachedDataset logs when it starts cold, and what ``cachedata info --verbose`` shows).
+Reading meta.json needs neither numpy nor HDF5 (the command line's ``info`` stays quick);
+the schema functions import them when called.
 """
 
 from __future__ import annotations
@@ -23,13 +28,13 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fileset, storage
-from . import schema as schema_mod
-from .storage import FORMAT_VERSION
+from . import fileset
+from .fingerprint import diff_trees
 
 logger = logging.getLogger("cachedata")
 
@@ -187,6 +192,8 @@ def recover_meta(folder: Path) -> Repair | None:
         return None  # readable (possibly incomplete, e.g. already recovered): nothing to repair
     if problem is None:
         problem = f"names namespace {str(meta.get('fingerprint'))[:16]!r}, not this folder's"  # type: ignore[union-attr]
+    from .storage import FORMAT_VERSION  # the data files beside it are in this format
+
     record = {
         "cachedata_format": FORMAT_VERSION,
         "fingerprint": folder.name,
@@ -213,9 +220,15 @@ def _file_schema(path: Path, namespace: str) -> str | None:
     """The normalized schema a data file carries, or None when the file cannot tell."""
     import h5py
 
+    from . import schema as schema_mod
+    from . import storage
+
     try:
         with storage.H5_LOCK, h5py.File(path, "r", locking=False) as f:
-            if f.attrs.get("cachedata_format") != FORMAT_VERSION or _attr(f, "namespace") != namespace:
+            if (
+                f.attrs.get("cachedata_format") != storage.FORMAT_VERSION
+                or _attr(f, "namespace") != namespace
+            ):
                 return None
             raw = _attr(f, "schema")
     except Exception:  # h5py raises many types for damaged files; another file may do
@@ -244,6 +257,8 @@ def load_schema(folder: Path, namespace: str) -> tuple[str | None, Repair | None
     ``schema.json`` with no data file to recover from is removed, so that the next
     stored item fixes the schema afresh.
     """
+    from . import schema as schema_mod
+
     path = folder / SCHEMA
     text, problem = _read_text(path)
     stored: str | None = None
@@ -310,3 +325,86 @@ def repair(folder: Path) -> list[Repair]:
     if fixed is not None:
         repairs.append(fixed)
     return repairs
+
+
+# ------------------------------------------------------------------------ sibling namespaces
+
+
+@dataclass(frozen=True)
+class Difference:
+    """How a namespace differs from its nearest sibling of the same dataset type."""
+
+    fingerprint: str  # the sibling's
+    parts: tuple[str, ...]  # inputs of the namespace fingerprint that differ, in FINGERPRINT_PARTS order
+    changes: tuple[str, ...]  # ``what: the sibling's value -> this one's``, one line per difference
+
+    @property
+    def version_only(self) -> bool:
+        """Only ``version=`` differs: the user asked for a fresh namespace."""
+        return self.parts == ("version",)
+
+
+#: What a namespace fingerprint is made of, as meta.json records it.
+FINGERPRINT_PARTS = ("on-disk format", "dataset", "transform", "version", "key")
+
+
+def read_metas(cache_dir: Path) -> list[dict]:
+    """The meta.json of every namespace folder in ``cache_dir`` (damaged ones left out)."""
+    try:
+        folders = sorted(p for p in cache_dir.iterdir() if not p.name.startswith(".") and p.is_dir())
+    except OSError:
+        return []
+    return [m for m in (read_meta(p) for p in folders) if m.get("fingerprint")]
+
+
+def nearest_sibling(meta: dict, siblings: Iterable[dict]) -> Difference | None:
+    """The sibling (a meta.json record) of ``meta``'s dataset type that differs least, or None.
+
+    Every input of the namespace fingerprint counts, one line each: the on-disk format,
+    ``version=`` and ``key=`` (a namespace whose items are keyed by another ``key=`` holds
+    other items under the same numbers: worth naming), plus one line per attribute path that
+    differs in the dataset and transform fingerprint trees. The sibling with the fewest lines
+    wins; ties go to the smaller fingerprint, so every caller names the same one.
+    """
+    kind = _dataset(meta).get("type")
+    if kind is None:
+        return None
+    best: Difference | None = None
+    for other in sorted(siblings, key=lambda m: str(m.get("fingerprint"))):
+        if other.get("fingerprint") == meta.get("fingerprint") or _dataset(other).get("type") != kind:
+            continue
+        diff = _difference(other, meta)
+        if best is None or len(diff.changes) < len(best.changes):
+            best = diff
+    return best
+
+
+def _dataset(meta: dict) -> dict:
+    value = meta.get("dataset")
+    return value if isinstance(value, dict) else {}
+
+
+def _difference(old: dict, new: dict) -> Difference:
+    """How ``new`` differs from ``old`` (two meta.json records)."""
+
+    def value(meta: dict, part: str) -> Any:
+        if part == "on-disk format":
+            return meta.get("cachedata_format")
+        if part in ("dataset", "transform"):
+            got = meta.get(part)
+            return got.get("fingerprint") if isinstance(got, dict) else None
+        return meta.get(part)
+
+    parts = tuple(p for p in FINGERPRINT_PARTS if value(old, p) != value(new, p))
+    changes = []
+    if "on-disk format" in parts:
+        changes.append(
+            f"on-disk format: {value(old, 'on-disk format')} -> {value(new, 'on-disk format')} "
+            "(written by another cachedata version, never read by this one)"
+        )
+    for part in ("version", "key"):
+        if part in parts:
+            changes.append(f"{part}=: {value(old, part)!r} -> {value(new, part)!r}")
+    trees: list[dict] = [m["tree"] if isinstance(m.get("tree"), dict) else {} for m in (old, new)]
+    changes += diff_trees(trees[0], trees[1])
+    return Difference(str(old.get("fingerprint")), parts, tuple(changes))

@@ -1,7 +1,8 @@
 """One namespace folder as one process sees it: the store that CachedDataset, warm and the CLI use.
 
 The interface is small: ``count``, ``find``/``contains`` (presence), ``get_one``,
-``get_many``, ``put``, ``seal``, ``consolidate`` and ``destroy``. Behind it, the file format
+``get_many``, ``put``, ``seal``, ``consolidate``, ``destroy``, and ``check_files`` for
+``cachedata verify``. Behind it, the file format
 lives in ``storage``, the set of files and their tiers in ``fileset``, the shared index in
 ``index`` and merging in ``compaction``. Every process writes only its own shards (one
 writer per file, no locks on the hot path); readers see the union of runs and shards. All
@@ -18,6 +19,7 @@ import multiprocessing.util
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,10 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from . import buffers, compaction, fileset, metadata, storage
+from . import buffers, compaction, fileset, metadata, scrub, storage
 from . import schema as schema_mod
 from .index import Index, Segment
+from .scrub import FileCheck
 from .storage import MAP_BELOW, CorruptFile, FileIndex, TransientError, checksum, read_index, write_file
 
 logger = logging.getLogger("cachedata")
@@ -239,15 +242,20 @@ class Store:
             except (CorruptFile, TransientError, FileNotFoundError, ValueError):
                 continue
 
+    def _checked_index(self, name: str) -> FileIndex:
+        """A file's index, checked against the namespace's schema (CorruptFile when it differs)."""
+        fi = read_index(self.path / name, namespace=self.fingerprint)
+        if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
+            raise CorruptFile(f"{self.path / name}: its item schema differs from the namespace's")
+        if fi.slots.shape[1] != self.decoder.nslots:
+            raise CorruptFile(
+                f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
+            )
+        return fi
+
     def _load(self, name: str) -> bool:
         try:
-            fi = read_index(self.path / name, namespace=self.fingerprint)
-            if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
-                raise CorruptFile(f"{self.path / name}: its item schema differs from the namespace's")
-            if fi.slots.shape[1] != self.decoder.nslots:
-                raise CorruptFile(
-                    f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
-                )
+            fi = self._checked_index(name)
         except FileNotFoundError:
             self.vanished = True  # merged and removed between listing and opening
             return False
@@ -431,6 +439,57 @@ class Store:
             "cachedata: corrupt data in %s (%s); affected items are recomputed and rewritten",
             seg.fi.path, why,
         )  # fmt: skip
+
+    # -- checking ---------------------------------------------------------------------------
+
+    def check_files(
+        self, *, grow: Callable[[int], None] | None = None, progress: Callable[[int], None] | None = None
+    ) -> list[FileCheck]:
+        """Read every item of every data file and check it against its checksum (``cachedata verify``).
+
+        A report only: nothing is discarded, retired or warned about. The folder is listed
+        again until no new file appears (a merge running meanwhile writes one), four times at
+        most; ``grow`` gets the rows of newly listed files before they are checked,
+        ``progress`` the rows checked as it goes.
+        """
+        self.check_pid()
+        if not self._load_schema():
+            self._schema_from_files([f.name for f in fileset.list_files(self.path).files])
+        done: set[str] = set()
+        out: list[FileCheck] = []
+        for _ in range(4):
+            todo = [f.name for f in fileset.list_files(self.path).files if f.name not in done]
+            if not todo:
+                break
+            done.update(todo)
+            loaded: list[FileIndex] = []
+            for name in todo:
+                try:
+                    if self.schema is None:
+                        raise CorruptFile(f"{self.path / name}: no readable item schema in the namespace")
+                    loaded.append(self._checked_index(name))
+                except FileNotFoundError:
+                    out.append(FileCheck(name, 0, (), vanished=True))
+                except TransientError as exc:
+                    out.append(FileCheck(name, 0, (), error=f"{exc}; raise {storage.limit_hint(exc)}"))
+                except (CorruptFile, ValueError) as exc:
+                    gone = not (self.path / name).exists()
+                    why = f"unreadable file: {str(exc).removeprefix(f'{self.path / name}: ')}"
+                    out.append(FileCheck(name, 0, () if gone else ((None, why),), vanished=gone))
+            if grow is not None:
+                grow(sum(len(fi) for fi in loaded))
+            for fi in loaded:
+                try:
+                    bad = scrub.check_file(fi, map_file=self.map_files, progress=progress)
+                except FileNotFoundError:
+                    out.append(FileCheck(fi.path.name, 0, (), vanished=True))
+                except TransientError as exc:
+                    out.append(
+                        FileCheck(fi.path.name, 0, (), error=f"{exc}; raise {storage.limit_hint(exc)}")
+                    )
+                else:
+                    out.append(FileCheck(fi.path.name, len(fi), tuple(bad)))
+        return out
 
     # -- writing --------------------------------------------------------------------------
 

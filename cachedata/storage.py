@@ -516,6 +516,17 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
     )
 
 
+def compression_of(path: Path) -> str | None:
+    """The compression filter of a file's /data ("gzip" or "lzf"; None when uncompressed or
+    unreadable), so that a merge started without a CachedDataset keeps it."""
+    try:
+        with H5_LOCK, h5py.File(path, "r", locking=False) as f:
+            comp = f["data"].compression
+    except (OSError, KeyError):
+        return None
+    return comp if comp in ("gzip", "lzf") else None
+
+
 def _dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
     link = f.get(name, getlink=True)
     if not isinstance(link, h5py.HardLink):
@@ -630,6 +641,21 @@ class Reader:
             got = os.preadv(self.fd, [buf], self.data_offset + offset)
         if got != n:
             raise CorruptFile(f"{self.path}: short read ({got} of {n} bytes at {offset})")
+
+    def span(self, offset: int, n: int) -> memoryview:
+        """``n`` payload bytes from ``offset`` (relative to /data), for scans rather than hits:
+        a read-only slice of the map when the file is mapped (no copy; release it before
+        ``close``), else a fresh buffer read from the file."""
+        if self.pid != os.getpid():
+            self.open()
+        if self.view is not None:
+            got = self.view[offset : offset + n]
+            if got.nbytes != n:
+                raise CorruptFile(f"{self.path}: short read ({got.nbytes} of {n} bytes at {offset})")
+            return got
+        buf = bytearray(n)
+        self.read_into(memoryview(buf), offset)
+        return memoryview(buf)
 
     def close(self) -> None:
         """Close what this process opened; a forked child only forgets its parent's handles."""

@@ -6,6 +6,8 @@ subprocess against them. Parsers, table rendering and prune planning are unit-te
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import json
 import os
 import pty
@@ -22,22 +24,11 @@ import torch
 from helpers import LogCalls, Ragged, assert_same, count_calls
 from hypothesis import given
 from hypothesis import strategies as st
-from tqdm import tqdm
 
 from cachedata import CachedDataset
-from cachedata.cli import (
-    NamespaceInfo,
-    Problem,
-    format_duration,
-    format_size,
-    inspect_namespace,
-    main,
-    parse_duration,
-    parse_size,
-    plan_prune,
-    render_table,
-    verify_namespace,
-)
+from cachedata.admin import NamespaceInfo, Problem, inspect_namespace, plan_prune, verify_namespace
+from cachedata.cli import main, render_table
+from cachedata.units import format_duration, format_size, parse_duration, parse_size
 
 SCRIPT = Path(sys.executable).parent / "cachedata"
 RUNNERS = {"script": [str(SCRIPT)], "module": [sys.executable, "-m", "cachedata"]}
@@ -92,7 +83,7 @@ def run_many(tmp_path: Path, commands: list[tuple[str, list[str]]]) -> list[subp
 class Built:
     """A namespace built by the test: its dataset, folder, fingerprint and call log."""
 
-    ds: CachedDataset
+    ds: CachedDataset | None  # None once released (no lease held by this process)
     path: Path
     fp: str
     log: Path
@@ -267,40 +258,51 @@ def test_render_table_aligns_columns():
     assert lines == ["NAME       SIZE", "a            1K", "long-name  512M"]
 
 
-def _info(fp: str, nbytes: int, last_used: float, merging: bool = False) -> NamespaceInfo:
+def _info(
+    fp: str, nbytes: int, last_used: float, merging: bool = False, in_use_by: tuple = ()
+) -> NamespaceInfo:
     return NamespaceInfo(path=f"/c/{fp}", fingerprint=fp, items=None, bytes=nbytes, merged_files=1,
                          shard_files=0, dataset_type="m.D", dataset_len=1, dataset_fingerprint=None,
                          transform_repr=None, transform_fingerprint=None, version=None, key="index",
                          versions={}, created=None, last_used=last_used, last_used_from="last_used",
-                         merging=merging)  # fmt: skip
+                         merging=merging, in_use_by=in_use_by)  # fmt: skip
 
 
 def test_plan_prune_lru_order_combined_and_busy_kept():
     now = 1e9
     infos = [_info("new", 10, now - 60), _info("old", 10, now - 10 * DAY), _info("mid", 10, now - 3 * DAY),
              _info("older", 10, now - 5 * DAY)]  # fmt: skip
-    remove, keep = plan_prune(infos, older_than=7 * DAY, max_bytes=None, now=now)
-    assert [i.fingerprint for i, _ in remove] == ["old"] and "unused for 10d" in remove[0][1]
-    remove, keep = plan_prune(infos, older_than=None, max_bytes=15, now=now)
-    assert [i.fingerprint for i, _ in remove] == ["old", "older", "mid"]
-    assert [i.fingerprint for i in keep] == ["new"]
-    remove, _ = plan_prune(infos, older_than=7 * DAY, max_bytes=20, now=now)
-    assert [(i.fingerprint, why.split()[0]) for i, why in remove] == [("old", "unused"), ("older", "least")]
-    busy = [_info("old", 10, now - 10 * DAY, merging=True), _info("new", 10, now)]
-    remove, keep = plan_prune(busy, older_than=DAY, max_bytes=0, now=now)
-    assert [i.fingerprint for i, _ in remove] == ["new"] and [i.fingerprint for i in keep] == ["old"]
+    plan = plan_prune(infos, older_than=7 * DAY, max_bytes=None, now=now)
+    assert [i.fingerprint for i, _ in plan.remove] == ["old"] and "unused for 10d" in plan.remove[0][1]
+    plan = plan_prune(infos, older_than=None, max_bytes=15, now=now)
+    assert [i.fingerprint for i, _ in plan.remove] == ["old", "older", "mid"]
+    assert [i.fingerprint for i in plan.keep] == ["new"] and plan.spared == ()
+    plan = plan_prune(infos, older_than=7 * DAY, max_bytes=20, now=now)
+    assert [(i.fingerprint, why.split()[0]) for i, why in plan.remove] == [
+        ("old", "unused"),
+        ("older", "least"),
+    ]
+    busy = [_info("old", 10, now - 10 * DAY, merging=True), _info("new", 10, now),
+            _info("leased", 10, now - 9 * DAY, in_use_by=("node1:42",))]  # fmt: skip
+    plan = plan_prune(busy, older_than=DAY, max_bytes=0, now=now)
+    assert [i.fingerprint for i, _ in plan.remove] == ["new"]
+    assert [i.fingerprint for i in plan.keep] == ["old", "leased"]
+    assert [(i.fingerprint, why) for i, why in plan.spared] == [
+        ("old", "being merged"),
+        ("leased", "in use by node1:42"),
+    ]
 
 
 def test_verify_finds_corrupt_compressed_chunk(tmp_path):
     b = build(tmp_path / "cache", 3.0, merge=True, compression="gzip")
     (merged,) = files(b.path, "merged-")
-    assert not verify_namespace(b.path, tqdm(disable=True)).problems
+    assert not verify_namespace(b.path).problems
     with h5py.File(b.path / merged, "r", locking=False) as f:
         chunk = f["data"].id.get_chunk_info(0)
     with open(b.path / merged, "r+b") as fh:
         fh.seek(chunk.byte_offset + chunk.size // 2)
         fh.write(b"\x00\xff\x00\xff")
-    result = verify_namespace(b.path, tqdm(disable=True))
+    result = verify_namespace(b.path)
     assert result.problems and not result.ok
     assert all(p.file == str(b.path / merged) and p.key is not None for p in result.problems)
 
@@ -311,8 +313,9 @@ def test_verify_finds_corrupt_compressed_chunk(tmp_path):
 @pytest.mark.timeout(120)
 def test_info_table_and_json(tmp_path, two):
     a, b = two
-    table, js = run_many(tmp_path, [("script", ["info", tmp_path / "cache"]),
-                                    ("script", ["info", tmp_path / "cache", "--json"])])  # fmt: skip
+    table, js, quick = run_many(tmp_path, [("script", ["info", tmp_path / "cache", "--items"]),
+                                           ("script", ["info", tmp_path / "cache", "--json", "--items"]),
+                                           ("script", ["info", tmp_path / "cache", "--json"])])  # fmt: skip
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
     header = lines[0]
@@ -350,10 +353,30 @@ def test_info_table_and_json(tmp_path, two):
     assert na["transform_repr"].startswith("<helpers.LogCalls object")
     assert na["created"] == pytest.approx(meta["created"])
     assert na["bytes"] == sum(p.stat().st_size for p in a.path.iterdir())
-    assert na["last_used_from"] == "files"  # no hit yet: no last_used file
+    assert na["last_used_from"] == "meta.json"  # no hit yet: no last_used file
     assert nb["differs_from"]["fingerprint"] == a.fp
     assert nb["differs_from"]["parts"] == ["transform"]
     assert nb["differs_from"]["changes"] == ["transform.scale: 2.0 -> 3.0"]
+    me = f"{socket.gethostname()}:{os.getpid()}"  # the datasets of `two` are alive here
+    assert na["in_use_by"] == [me] and data["items_counted"] is True
+
+    # Without --items: the same, less the item counts (no index is read)
+    assert quick.returncode == 0, quick.stderr
+    fast = json.loads(quick.stdout)
+    assert fast["items_counted"] is False and {n["items"] for n in fast["namespaces"]} == {None}
+    for n in fast["namespaces"]:
+        assert {**n, "items": by_fp[n["fingerprint"]]["items"]} == by_fp[n["fingerprint"]]
+
+
+def test_info_without_items_says_how_to_count_them(tmp_path, two, capsys):
+    a, _ = two
+    assert main(["info", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0]
+    assert "ITEMS" not in header and "SIZE" in header and "IN USE BY" in header
+    assert "items not counted: add --items" in out
+    assert main(["info", str(tmp_path / "cache"), "--namespace", a.fp[:8]]) == 0  # details count them
+    assert "items:      15" in capsys.readouterr().out
 
 
 @pytest.mark.timeout(120)
@@ -411,7 +434,7 @@ def test_verify_ok_then_corrupt_keys_listed(tmp_path, two):
     assert sorted(p["key"] for p in problems[a.fp]) == bad
     assert {p["file"] for p in problems[a.fp]} == {str(shard)}
     assert problems[b.fp] == [
-        {"file": str(b.path / merged), "key": None, "reason": problems[b.fp][0]["reason"]}
+        {"file": str(b.path / merged), "key": None, "reason": problems[b.fp][0]["reason"], "unchecked": False}
     ]
     assert problems[b.fp][0]["reason"].startswith("unreadable file: ")
 
@@ -509,11 +532,14 @@ def test_clear_asks_on_a_terminal(tmp_path):
 
 @pytest.fixture
 def three(tmp_path):
-    """Namespaces last used 10 days, 3 days and 1 hour ago (oldest first)."""
+    """Namespaces last used 10 days, 3 days and 1 hour ago (oldest first), no longer in use
+    (their datasets released their leases)."""
     cache = tmp_path / "cache"
     now = time.time()
-    out = [build(cache, s, items=6) for s in (1.0, 2.0, 3.0)]
+    out = [dataclasses.replace(build(cache, s, items=6), ds=None) for s in (1.0, 2.0, 3.0)]
+    gc.collect()
     for built, age in zip(out, (10 * DAY, 3 * DAY, 3600)):
+        assert not list(built.path.glob("lease-*"))
         set_last_used(built.path, now - age)
     return out
 
@@ -536,7 +562,7 @@ def test_prune_older_than_and_dry_run(tmp_path, three):
 @pytest.mark.timeout(120)
 def test_prune_max_bytes_least_recently_used_first(tmp_path, three):
     old, mid, new = three
-    sizes = {b.fp: inspect_namespace(b.path, items=False).bytes for b in three}
+    sizes = {b.fp: inspect_namespace(b.path).bytes for b in three}
     limit = sizes[new.fp] + sizes[mid.fp] // 2  # room for the newest only
     dry, real = (
         run(tmp_path, "prune", tmp_path / "cache", "--max-bytes", f"{limit}B", "--json", *extra)
@@ -550,6 +576,25 @@ def test_prune_max_bytes_least_recently_used_first(tmp_path, three):
         assert data["freed_bytes"] == sizes[old.fp] + sizes[mid.fp]
     assert json.loads(dry.stdout)["dry_run"] is True
     assert not old.path.exists() and not mid.path.exists() and new.path.exists()
+
+
+@pytest.mark.timeout(120)
+def test_prune_keeps_a_namespace_that_a_running_job_uses(tmp_path, three):
+    old, mid, new = three
+    job = old.fresh()  # a training job opens the oldest namespace again: it holds a lease
+    set_last_used(old.path, time.time() - 10 * DAY)
+    out = run(tmp_path, "prune", tmp_path / "cache", "--older-than", "2d")
+    assert out.returncode == 0, out.stderr
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    assert f"kept {old.fp[:12]}" in out.stdout and f"in use by {me}" in out.stdout
+    assert "removed 1 namespace(s)" in out.stdout
+    assert old.path.exists() and not mid.path.exists() and new.path.exists()
+    assert job.num_cached == 6
+    del job
+    gc.collect()  # the job ends: its lease goes, and the next prune takes the namespace
+    again = run(tmp_path, "prune", tmp_path / "cache", "--older-than", "2d", "--json")
+    assert [r["fingerprint"] for r in json.loads(again.stdout)["removed"]] == [old.fp]
+    assert not old.path.exists()
 
 
 # ----------------------------------------------------------------------------- help, usage errors
@@ -633,6 +678,6 @@ def test_verify_reports_symlinked_cache_files(tmp_path):
     (shard,) = files(b.path, "shard-")
     link = b.path / "shard-r0-w0-p1-abcdef-000000.h5"
     link.symlink_to(b.path / shard)
-    result = verify_namespace(b.path, tqdm(disable=True))
+    result = verify_namespace(b.path)
     assert result.files == 1 and result.items == 4
     assert result.problems == (Problem(str(link), None, "a symbolic link: readers ignore it; delete it"),)

@@ -90,7 +90,7 @@ def test_clear_keeps_the_instance_usable_and_its_record(tmp_path):
     ds.flush()
     assert ds.num_cached == 6
     # A sibling namespace still gets its explanation from the kept tree.
-    info = _cli("info", str(tmp_path / "cache"), "--json")
+    info = _cli("info", str(tmp_path / "cache"), "--json", "--items")
     (ns,) = json.loads(info.stdout)["namespaces"]
     assert ns["dataset_type"] == "helpers.Ragged" and ns["items"] == 6
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
-import sys
 import time
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -13,25 +11,21 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, Subset, get_worker_info
+from torch.utils.data import Dataset, get_worker_info
 
-from . import buffers, metadata
+from . import buffers, origin
 from . import schema as schema_mod
-from ._version import __version__
 from .budget import explicit_limit
-from .fingerprint import fingerprint, fingerprint_tree
+from .distributed import current_rank, world_size
 from .namespace import Identity, ReadOnly, Store
 from .paths import default_cache_dir
+from .randomness import RandomGuard
 from .stats import CacheStats, Counters
-from .storage import FORMAT_VERSION
 from .tracker import Tracker
 
 logger = logging.getLogger("cachedata")
 
 _COMPRESSIONS = (None, "gzip", "lzf")
-
-#: Misses per process whose transform is checked for drawing from a global random generator.
-RNG_CHECKS = 16
 
 
 class CachedDataset(Dataset):
@@ -80,7 +74,7 @@ class CachedDataset(Dataset):
         allow_random: bool = False,
         max_bytes: int | str | None = None,
     ) -> None:
-        _check_map_style(dataset)
+        origin.check_map_style(dataset)
         for name, fn in (("transform", transform), ("post_transform", post_transform), ("key", key)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"CachedDataset: {name} must be callable or None, got {type(fn).__name__}")
@@ -98,32 +92,32 @@ class CachedDataset(Dataset):
         self.version = version
         self.compression = compression
         self.allow_random = bool(allow_random)
-        self._base, self._indices = _unwrap(dataset)
+        self._base, self._indices = origin.unwrap(dataset)
         self._len = len(dataset)
         self._base_len = len(self._base)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
-        dataset_fp, dataset_tree = _fingerprint_part(
+        dataset_fp, dataset_tree = origin.fingerprint_part(
             self._base, "dataset", fallback=version is not None or key is not None
         )
-        transform_fp, transform_tree = _fingerprint_part(transform, "transform", fallback=version is not None)
-        self.fingerprint: str = fingerprint(
-            {
-                "cachedata_format": FORMAT_VERSION,
-                "dataset": dataset_fp,
-                "transform": transform_fp,
-                "version": version,
-                "key": "index" if key is None else "custom",
-            }
+        transform_fp, transform_tree = origin.fingerprint_part(
+            transform, "transform", fallback=version is not None
+        )
+        self.fingerprint: str = origin.namespace_fingerprint(
+            dataset_fp, transform_fp, version=version, custom_key=key is not None
         )
         self.path: Path = self.cache_dir / self.fingerprint
         self._store = Store(self.path, self.fingerprint, compression=compression)
         self._counters = Counters()
-        self._rank = _current_rank()
+        self._rank = current_rank()
         self._main_pid = os.getpid()
         self._all_keys: np.ndarray | None = None
-        self._rng_checks = (0, RNG_CHECKS)  # (pid, checks left in that process)
-        meta = self._meta_record = self._meta(dataset_fp, transform_fp, {**dataset_tree, **transform_tree})
+        self._random_guard = RandomGuard()
+        meta = self._meta_record = origin.meta_record(
+            self.fingerprint, base=self._base, transform=transform, version=version,
+            custom_key=key is not None, dataset_fp=dataset_fp, transform_fp=transform_fp,
+            tree={**dataset_tree, **transform_tree},
+        )  # fmt: skip
         is_new = not (self.path / "meta.json").exists()
         # Disk budget: lease the namespace before creating its files (so that no other process
         # evicts it from here on), then bring the folder under budget (see cachedata.budget).
@@ -134,7 +128,7 @@ class CachedDataset(Dataset):
         except ReadOnly as exc:
             self._read_only(exc)
         if is_new:
-            _explain_new_namespace(self.cache_dir, meta)
+            origin.explain_new_namespace(self.cache_dir, meta)
         self._budget.check()
 
     # -- Dataset protocol -------------------------------------------------------------------
@@ -220,7 +214,7 @@ class CachedDataset(Dataset):
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
             dist.barrier()  # every rank's shards are sealed before rank 0 looks
-        merged = self._store.consolidate(self._identity(), full=full) if _current_rank() == 0 else False
+        merged = self._store.consolidate(self._identity(), full=full) if current_rank() == 0 else False
         if distributed:
             dist.barrier()  # nobody reads on until the merged file is in place
         self._store.refresh()
@@ -279,7 +273,7 @@ class CachedDataset(Dataset):
             # Spawned workers start from disk: seal what this process computed so far.
             self.flush()
         state = self.__dict__.copy()
-        state["_rank"] = _current_rank(default=self._rank)  # workers cannot ask torch.distributed
+        state["_rank"] = current_rank(default=self._rank)  # workers cannot ask torch.distributed
         state["_all_keys"] = None
         return state
 
@@ -288,7 +282,7 @@ class CachedDataset(Dataset):
     def _identity(self) -> Identity:
         info = get_worker_info()
         if info is None and os.getpid() == self._main_pid:
-            self._rank = _current_rank(default=self._rank)
+            self._rank = current_rank(default=self._rank)
         return Identity(self._rank, None if info is None else info.id, os.getpid())
 
     def _base_index(self, index: int) -> int:
@@ -425,23 +419,7 @@ class CachedDataset(Dataset):
 
     def _checked(self, fn: Callable[[], Any], what: str, index: int) -> Any:
         """Run ``fn``; on the first misses, fail if it drew from a global random generator."""
-        if self.allow_random:
-            return fn()
-        pid = os.getpid()
-        if self._rng_checks[0] != pid:  # each process checks its own first misses
-            self._rng_checks = (pid, RNG_CHECKS)
-        if self._rng_checks[1] <= 0:
-            return fn()
-        self._rng_checks = (pid, self._rng_checks[1] - 1)
-        before = _rng_states()
-        result = fn()
-        if not _same_rng(before, _rng_states()):
-            raise RuntimeError(
-                f"item {index}: {what} drew random numbers from the global random generator "
-                f"({_which_rng(before, _rng_states())}), so its cached output would be stale. "
-                "Move random augmentation to post_transform=, or pass allow_random=True if it seeds itself."
-            )
-        return result
+        return fn() if self.allow_random else self._random_guard.run(fn, what, index)
 
     def _after_writes(self, *, single: bool) -> None:
         store = self._store
@@ -451,7 +429,7 @@ class CachedDataset(Dataset):
         # reading without workers: the next epoch's sampler gives its items to other ranks.
         # While merges lag behind (a cold pass writing faster than the disk can rewrite), it
         # seals by size and time instead (at most a second later), so files stay few.
-        every_batch = not single and (in_worker or _world_size() > 1) and not store.backlogged()
+        every_batch = not single and (in_worker or world_size() > 1) and not store.backlogged()
         if every_batch or store.should_seal(worker=in_worker):
             self.flush()
             if in_worker:
@@ -484,124 +462,6 @@ class CachedDataset(Dataset):
                 exc,
             )
 
-    def _meta(self, dataset_fp: str, transform_fp: str, tree: dict[str, str]) -> dict:
-        import h5py
-
-        return {
-            "cachedata_format": FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "created": time.time(),
-            "dataset": {"type": _qualname(self._base), "len": self._base_len, "fingerprint": dataset_fp},
-            "transform": {"repr": repr(self.transform)[:2000], "fingerprint": transform_fp},
-            "version": self.version,
-            "key": "index" if self.key is None else "custom",
-            "tree": tree,
-            "versions": {
-                "cachedata": __version__,
-                "python": sys.version.split()[0],
-                "torch": torch.__version__,
-                "numpy": np.__version__,
-                "h5py": h5py.__version__,
-            },
-        }
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _check_map_style(dataset: Any) -> None:
-    if isinstance(dataset, IterableDataset):
-        raise TypeError(
-            f"CachedDataset needs a map-style dataset, got the IterableDataset {_qualname(dataset)}; "
-            "wrap a dataset that has __len__ and __getitem__(int)"
-        )
-    missing = [m for m in ("__len__", "__getitem__") if not callable(getattr(type(dataset), m, None))]
-    if missing:
-        raise TypeError(
-            f"CachedDataset needs a map-style dataset with __len__ and __getitem__(int); "
-            f"{_qualname(dataset)} has no {' or '.join(missing)}"
-        )
-
-
-def _unwrap(dataset: Any) -> tuple[Any, np.ndarray | None]:
-    """Peel Subsets off: (base dataset, base indices of this dataset's items or None)."""
-    indices: np.ndarray | None = None
-    while isinstance(dataset, Subset):
-        inner = np.asarray(
-            list(dataset.indices) if not isinstance(dataset.indices, np.ndarray) else dataset.indices
-        )
-        if inner.size and not np.issubdtype(inner.dtype, np.integer):
-            raise TypeError(f"Subset indices must be integers, got dtype {inner.dtype}")
-        inner = inner.astype(np.int64).reshape(-1)
-        n = len(dataset.dataset)
-        inner = np.where(inner < 0, inner + n, inner)
-        if inner.size and (inner.min() < 0 or inner.max() >= n):
-            raise IndexError(f"Subset index out of range for its dataset of length {n}")
-        indices = inner if indices is None else inner[indices]
-        dataset = dataset.dataset
-    return dataset, indices
-
-
-def _fingerprint_part(obj: Any, what: str, *, fallback: bool) -> tuple[str, dict[str, str]]:
-    """(digest, attribute-path tree) of the dataset or transform, or a type-based stand-in."""
-    try:
-        tree = fingerprint_tree(obj, root=what)
-    except TypeError as exc:
-        if not fallback:
-            hint = (
-                "version='...' (bump it when the data changes) or key="
-                if what == "dataset"
-                else "version='...'"
-            )
-            raise TypeError(
-                f"CachedDataset cannot fingerprint the {what} deterministically: {exc}. "
-                f"Pass {hint} to name the namespace yourself"
-            ) from None
-        logger.info("cachedata: %s is named by its type and version= (%s)", what, exc)
-        stand_in = {"type": _qualname(obj), "len": len(obj) if hasattr(obj, "__len__") else None}
-        return fingerprint(stand_in), {what: f"{_qualname(obj)} (named by version=)"}
-    return tree.digest, tree.entries
-
-
-#: New namespaces already explained by this process (one WARNING each).
-_explained: set[str] = set()
-
-
-def _explain_new_namespace(cache_dir: Path, meta: dict) -> None:
-    """Say, once per process and at WARNING, why a cache starts cold beside older namespaces.
-
-    Names what differs from the nearest sibling of the same dataset type (see
-    ``metadata.nearest_sibling``; damaged meta.json files are skipped), in words.
-    """
-    where = str(cache_dir / meta["fingerprint"])
-    if where in _explained:
-        return
-    diff = metadata.nearest_sibling(meta, metadata.read_metas(cache_dir))
-    if diff is None:
-        return
-    _explained.add(where)
-    lines = diff.changes
-    shown = "; ".join(lines[:8]) + (f"; ... ({len(lines) - 8} more)" if len(lines) > 8 else "")
-    # A version= bump is the user's own request for a fresh namespace: say so, but quietly.
-    say = logger.info if diff.version_only else logger.warning
-    say(
-        "cachedata: cache starts cold: new namespace %s for %s differs from %s in %s: %s. "
-        "Its items are computed again into %s. If that difference should not matter, leave it out of "
-        "the fingerprint (a __cachedata_fingerprint__ method, or cachedata.register_fingerprint for its "
-        "type) and pin the namespace by hand with version='...', bumped when outputs should change",
-        meta["fingerprint"][:12],
-        meta["dataset"]["type"],
-        diff.fingerprint[:12],
-        ", ".join(diff.parts) or "nothing recorded",
-        shown or "(no attribute-level difference recorded)",
-        cache_dir / meta["fingerprint"],
-    )
-
-
-def _qualname(obj: Any) -> str:
-    t = type(obj)
-    return f"{t.__module__}.{t.__qualname__}"
-
 
 def _key_to_int(k: Hashable, base_index: int) -> int:
     """Map a user key to int64: ints as themselves, str (and big ints) through xxh3-64."""
@@ -613,36 +473,3 @@ def _key_to_int(k: Hashable, base_index: int) -> int:
         h = xxhash.xxh3_64_intdigest(f"{type(k).__name__}:{k}".encode("utf-8", "surrogatepass"))
         return h - (1 << 64) if h >= 1 << 63 else h
     raise TypeError(f"key({base_index}) returned {type(k).__name__} {k!r}; key= must return a str or an int")
-
-
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _current_rank(default: int = 0) -> int:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank()
-    return default
-
-
-def _rng_states() -> tuple:
-    return random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-
-
-def _same_rng(a: tuple, b: tuple) -> bool:
-    return (
-        a[0] == b[0] and a[1][2:] == b[1][2:] and np.array_equal(a[1][1], b[1][1]) and torch.equal(a[2], b[2])
-    )
-
-
-def _which_rng(a: tuple, b: tuple) -> str:
-    names = []
-    if a[0] != b[0]:
-        names.append("random")
-    if not (a[1][2:] == b[1][2:] and np.array_equal(a[1][1], b[1][1])):
-        names.append("numpy.random")
-    if not torch.equal(a[2], b[2]):
-        names.append("torch")
-    return ", ".join(names) or "unknown"

@@ -164,4 +164,4 @@ def explain_new_namespace(cache_dir: Path, meta: dict) -> None:
 
 def qualname(obj: Any) -> str:
     t = type(obj)
-    return f"{t.__module__}.{t._qualname__}"
+    return f"{t.__module__}.{t.__qualname__}"

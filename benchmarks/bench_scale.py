@@ -320,11 +320,11 @@ def _build_small(root: Path, n: int, mode: str) -> Path:
     return root / f"idx-{mode}-{n}"
 
 
-def case_index(root: Path, sizes: list[int]) -> dict[str, Any]:
+def case_index(root: Path, sizes: list[int], modes: tuple[str, ...] = ("index", "str")) -> dict[str, Any]:
     out: dict[str, Any] = {}
     here = str(Path(__file__).resolve().parent)
     for n in sizes:
-        for mode in ("index", "str"):
+        for mode in modes:
             cache = _build_small(root, n, mode)
             code = _INDEX_PROBE.format(here=here, mode=mode, n=n, cache=str(cache))
             res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
@@ -437,13 +437,13 @@ def main() -> int:
             print("merge vs cp", results["merge_vs_cp"], flush=True)
         if 4 in cases:
             sizes = [20_000] if args.tiny else [1_000_000] if args.quick else [1_000_000, 10_000_000]
-            results["index"] = case_index(root, sizes)
+            results["index"] = case_index(root, sizes, ("index",) if args.tiny else ("index", "str"))
             print("index", results["index"], flush=True)
         if 5 in cases:
-            results["fragmented"] = case_fragmented(root, 800 if args.tiny else 8_000 if small else 16_000)
+            results["fragmented"] = case_fragmented(root, 400 if args.tiny else 8_000 if small else 16_000)
             print("fragmented", results["fragmented"], flush=True)
         if 6 in cases:
-            results["patterns"] = case_patterns(root, 800 if args.tiny else 8_000 if small else 40_000)
+            results["patterns"] = case_patterns(root, 400 if args.tiny else 8_000 if small else 40_000)
             print("patterns", results["patterns"], flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

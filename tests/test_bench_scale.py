@@ -34,7 +34,8 @@ def test_tiny_run_measures_every_case(tmp_path):
     assert got["big_cache"]["misses"] == got["big_cache"]["items"]  # epoch 2 was all hits
     assert got["growth"]["first_step_written_over_size"] <= 0.15
     assert got["merge_vs_cp"]["files_after"] == 1
-    assert all("private_bytes_per_item" in v for v in got["index"].values()), got["index"]
+    assert all("spawned_private_bytes_per_item" in v for v in got["index"].values()), got["index"]
+    assert got["big_cache_no_stall"]["misses"] == got["big_cache_no_stall"]["items"]  # the control run
     assert got["fragmented"]["misses"] == 0
     assert set(got["patterns"]["vs_direct"]) == {"direct", "subset_outside", "subset_sampler"}
     assert "merge vs cp" in proc.stdout and "first len() of epoch 2" in proc.stdout

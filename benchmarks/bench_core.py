@@ -19,8 +19,8 @@ spread = (max - min) / median across the repeats):
 5. fingerprint of a 100 MB model. PASS at < 1 s.
 6. cli      ``cachedata info PATH`` on a cache of 10 namespaces (half merged, half in shards),
             a fresh interpreter each time, vs ``python -c pass``, interleaved. PASS when
-            ``info`` takes < 0.3 s (it reads meta.json, names, sizes and leases: no numpy, no
-            HDF5); --help, --version and ``info --items`` (which reads every file's index)
+            ``info`` takes < 0.3 s (it reads meta.json, names, sizes, leases and each file's
+            row-count xattr: no numpy, no HDF5); --help, --version and ``info --items`` (which reads every file's index)
             are timed too (diagnostic).
 
 Usage: python benchmarks/bench_core.py [--quick] [--repeats N] [--cases 1,2,3,4,5,6] [--out PATH]

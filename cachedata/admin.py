@@ -7,10 +7,12 @@ Every file is reached through the storage layers: names, listings and locks thro
 ``fileset``, sizes, last uses and leases through ``usage``/``leases``, deletion through
 ``eviction``, the data files through ``namespace.Store``.
 
-``inspect`` reads meta.json, file names, sizes and lease files only, so that ``cachedata
-info`` starts without numpy or HDF5 (issue 17: under 0.3 s). Counting items means loading
-every file's index (HDF5): ask for it with ``items=True``. ``verify``, ``merge`` and the item
-count import the Store when called, for the same reason.
+``inspect`` reads meta.json, file names, sizes, lease files and the row count each data file
+carries in an extended attribute (``fileset.ROWS_XATTR``), so that ``cachedata info`` starts
+without numpy or HDF5 (issue 17: under 0.3 s). Only a namespace with a file lacking that
+attribute has its items counted through every file's index (HDF5), as ``items=True`` does
+for all. ``verify``, ``merge`` and the index count import the Store when called, for the
+same reason.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from . import budget, eviction, fileset, metadata
 from .metadata import Difference
@@ -28,6 +31,10 @@ from .usage import NamespaceUsage, Usage, folder_usage, is_namespace, measure, n
 
 #: Progress callbacks get a number of items.
 Progress = Callable[[int], None]
+#: How items are counted. "rows": the sum of the rows the data files record in their
+#: attribute, no file opened; an item that two jobs computed at the same time counts twice
+#: until the next merge. "index": the distinct keys of every file's index (numpy and HDF5).
+Counting = Literal["rows", "index"]
 
 
 # ============================================================================ finding namespaces
@@ -96,7 +103,8 @@ class NamespaceInfo:
 
     path: str
     fingerprint: str
-    items: int | None  # distinct items readable from its files; None when not counted
+    items: int | None  # counted as items_counted says; None when not counted
+    items_counted: Counting | None  # "rows" (stored rows) or "index" (distinct items)
     bytes: int  # apparent size of its files (retired ones awaiting deletion left out)
     merged_files: int
     shard_files: int
@@ -133,7 +141,7 @@ class Inspection:
     usage: Usage  # the cache folder against its disk budget
     budget_note: str | None  # why $CACHEDATA_MAX_BYTES was ignored, if it was
     cache_folders: tuple[CacheFolder, ...]  # when PATH holds no namespace: cache folders below it
-    items_counted: bool
+    items_counted: Counting  # as asked: "rows" falls back to "index" per namespace (see each one's)
 
 
 def budget_usage(cache_dir: Path) -> tuple[Usage, str | None]:
@@ -148,10 +156,16 @@ def budget_usage(cache_dir: Path) -> tuple[Usage, str | None]:
 
 
 def inspect_namespace(
-    path: Path, *, items: bool = False, found: NamespaceUsage | None = None, siblings: Sequence[dict] = ()
+    path: Path,
+    *,
+    items: Counting | None = None,
+    found: NamespaceUsage | None = None,
+    siblings: Sequence[dict] = (),
 ) -> NamespaceInfo:
-    """Describe one namespace folder; ``items=True`` counts its items (loads every file's
-    index); ``siblings`` are meta.json records to find the nearest sibling among."""
+    """Describe one namespace folder. ``items``: leave them uncounted (None), sum the rows its
+    files record ("rows"; through the index where a file records none) or count the distinct
+    keys of every file's index ("index"). ``siblings`` are meta.json records to find the
+    nearest sibling among."""
     found = found or namespace_usage(path) or NamespaceUsage(str(path), path.name, 0, time.time(), (), False)
     meta = metadata.read_meta(path)
     listing = fileset.list_files(path)
@@ -159,10 +173,16 @@ def inspect_namespace(
     transform: dict = meta["transform"] if isinstance(meta.get("transform"), dict) else {}
     created = meta.get("created")
     fmt = meta.get("cachedata_format")
+    count: int | None = None
+    if items == "rows":
+        count = fileset.listing_rows(path, listing)
+    if items is not None and count is None:
+        items, count = "index", count_items(path)
     return NamespaceInfo(
         path=str(path),
         fingerprint=path.name,
-        items=count_items(path) if items else None,
+        items=count,
+        items_counted=items,
         bytes=found.bytes,
         merged_files=len(listing.runs),
         shard_files=len(listing.shards),
@@ -197,7 +217,10 @@ def count_items(path: Path) -> int:
 
 def inspect(path: Path, *, namespace: str | None = None, items: bool = False) -> Inspection:
     """The namespaces under PATH (or the one whose fingerprint starts with ``namespace``),
-    with the cache folder's budget; ValueError for an unknown or ambiguous ``namespace``."""
+    with the cache folder's budget; ValueError for an unknown or ambiguous ``namespace``.
+    Items are the rows the files record; ``items=True`` counts distinct items through every
+    file's index instead (slower: numpy and HDF5)."""
+    counting: Counting = "index" if items else "rows"
     one = is_namespace(path)
     cache_dir = path.parent if one else path  # siblings live in the cache_dir
     usage, note = budget_usage(cache_dir)
@@ -206,10 +229,10 @@ def inspect(path: Path, *, namespace: str | None = None, items: bool = False) ->
     if namespace is not None:
         targets = [select_namespace(targets, namespace, path)]
     metas = metadata.read_metas(cache_dir)
-    infos = [inspect_namespace(p, items=items, found=by_path.get(str(p)), siblings=metas) for p in targets]
+    infos = [inspect_namespace(p, items=counting, found=by_path.get(str(p)), siblings=metas) for p in targets]
     infos.sort(key=lambda i: -i.last_used)
     folders = () if infos else tuple(find_cache_folders(path))
-    return Inspection(str(path), tuple(infos), usage, note, folders, items)
+    return Inspection(str(path), tuple(infos), usage, note, folders, counting)
 
 
 # ============================================================================ verify

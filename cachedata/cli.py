@@ -194,16 +194,15 @@ def _no_namespaces_text(found: admin.Inspection) -> str:
 
 
 def _info_table(found: admin.Inspection, now: float) -> str:
-    counted = found.items_counted
-    header = ["FINGERPRINT", *(["ITEMS"] if counted else []), "SIZE", "MERGED", "SHARDS", "DATASET",
-              "TRANSFORM", "CREATED", "LAST USED", "VERSIONS", "IN USE BY"]  # fmt: skip
+    header = ["FINGERPRINT", "ITEMS", "SIZE", "MERGED", "SHARDS", "DATASET", "TRANSFORM", "CREATED",
+              "LAST USED", "VERSIONS", "IN USE BY"]  # fmt: skip
     rows = [
-        [i.fingerprint[:SHORT_FP], *([str(i.items)] if counted else []), format_size(i.bytes),
+        [i.fingerprint[:SHORT_FP], str(i.items), format_size(i.bytes),
          str(i.merged_files), str(i.shard_files), _dataset_text(i), _clip(i.transform_repr, 40),
          _when(i.created), _ago(i.last_used, now), _versions_text(i.versions), " ".join(i.in_use_by) or "-"]
         for i in found.namespaces
     ]  # fmt: skip
-    return render_table(header, rows, right=(1, 2, 3, 4) if counted else (1, 2, 3))
+    return render_table(header, rows, right=(1, 2, 3, 4))
 
 
 def _info_details(info: NamespaceInfo, now: float) -> str:
@@ -262,8 +261,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(_info_table(found, now))
     total = sum(i.bytes for i in found.namespaces)
     print(f"\n{len(found.namespaces)} namespace(s), {format_size(total)} under {path}")
-    if not found.items_counted:
-        print("items not counted: add --items (reads every file's index)")
+    if any(i.items_counted == "rows" for i in found.namespaces):
+        print("items: rows stored (an item two jobs computed at once counts twice until the next merge); "
+              "--items counts distinct items")  # fmt: skip
     print("\n".join(_budget_lines(found.usage)))
     if details:
         for info in found.namespaces:
@@ -532,10 +532,11 @@ def build_parser(prog: str = "cachedata") -> argparse.ArgumentParser:
         _add_common(sub, path_required=name in ("clear", "budget"), namespace=name not in ("prune", "budget"))
         if name == "info":
             sub.add_argument("--items", action="store_true",
-                             help="count the items of each namespace (reads every file's index; slower)")  # fmt: skip
+                             help="count distinct items through every file's index (slower) instead of "
+                                  "summing the rows the files record")  # fmt: skip
             sub.add_argument("--verbose", "-v", action="store_true",
-                             help="add details per namespace (items included) and why it differs from its "
-                                  "nearest sibling")  # fmt: skip
+                             help="add details per namespace (distinct items counted) and why it differs "
+                                  "from its nearest sibling")  # fmt: skip
         if name in ("verify", "merge"):
             sub.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                              help="show a progress bar on stderr (default: when stderr is a terminal)")  # fmt: skip

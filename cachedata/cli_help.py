@@ -39,11 +39,15 @@ example:
   cachedata info ~/.cache/cachedata --items --json | jq '.namespaces[].items'
   cachedata info ~/.cache/cachedata --namespace 3f2a9c --verbose
 
-Reads meta.json, file names and sizes and lease files only, so it answers at once; items
-are counted with --items (it reads every file's index), and in --json they are null
-without it. --verbose (or --namespace) counts items and adds a block per namespace with
-the full transform repr, library versions and what differs from its nearest sibling of
-the same dataset type (why a new namespace was made: attribute paths, version=, key=,
+Reads meta.json, file names and sizes, lease files and the row count each data file
+records in an extended attribute (user.cachedata.rows), so it answers at once. ITEMS is
+then the rows stored, which equal the distinct items except for items two jobs computed
+at the same time, until the next merge; --items counts the distinct items through every
+file's index (slower), as info does for a namespace whose files lack the attribute (a
+filesystem without user xattrs); --json says which in "items_counted" ("rows" or
+"index"). --verbose (or --namespace) counts distinct items and adds a block per namespace
+with the full transform repr, library versions and what differs from its nearest sibling
+of the same dataset type (why a new namespace was made: attribute paths, version=, key=,
 on-disk format). Last used is the mtime of the namespace's last_used file (touched at
 most hourly), else of its meta.json.
 """,

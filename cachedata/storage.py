@@ -10,6 +10,8 @@ One file holds many items. Layout, readable with h5py alone::
     /index/slots      int64[n, S]   shapes and lengths (see cachedata.schema); absent when S == 0
     attrs             cachedata_format=2, kind="shard"|"merged", namespace=<fingerprint>,
                       schema=<JSON>, created=<unix seconds>, sources=<JSON list, merged files only>
+    xattr             user.cachedata.rows=<n> (``fileset.ROWS_XATTR``), where the filesystem has
+                      user xattrs: ``cachedata info`` reads the item counts without HDF5
 
 Version 2 stores the index as contiguous columns sorted by key, so every process memory-maps
 them (one copy in the page cache, shared) and finds a key with a binary search instead of
@@ -331,6 +333,7 @@ def _finish(
         g.create_dataset("checksum", data=np.asarray(rows.checksums, np.uint64))
         if rows.slots.shape[1]:
             g.create_dataset("slots", data=np.asarray(rows.slots, np.int64))
+    fileset.set_rows(tmp, len(keys))  # before the rename: no published file lacks it
     if durable:
         _fsync_path(tmp)  # the rename below must not publish bytes still in flight
     os.replace(tmp, path)  # atomic: readers see the whole file or nothing

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import h5py
 import pytest
+from conftest import skip_without_xattrs
 from helpers import LogCalls, Ragged, count_calls
 
-from cachedata import CachedDataset, admin, eviction, leases, scrub, storage
+from cachedata import CachedDataset, admin, eviction, fileset, leases, scrub, storage
 from cachedata.metadata import nearest_sibling, read_meta
 
 DAY = 86400.0
@@ -67,12 +68,17 @@ def aged(path: Path, days: float) -> Path:
 # ----------------------------------------------------------------------------- inspect
 
 
-def test_inspect_reads_no_index_unless_asked_and_names_users_and_siblings(tmp_path):
+def test_inspect_sums_stored_rows_unless_asked_and_names_users_and_siblings(tmp_path):
+    skip_without_xattrs(tmp_path)
     cache = tmp_path / "cache"
     a = make(cache, 2.0)  # alive: this process leases it
     b = released(make(cache, 3.0, items=5, merge=True))
     found = admin.inspect(cache)
-    assert not found.items_counted and {i.items for i in found.namespaces} == {None}
+    assert found.items_counted == "rows"
+    assert {i.fingerprint: (i.items, i.items_counted) for i in found.namespaces} == {
+        a.fingerprint: (8, "rows"),
+        b.name: (5, "rows"),
+    }
     by_fp = {i.fingerprint: i for i in found.namespaces}
     ia, ib = by_fp[a.fingerprint], by_fp[b.name]
     assert (ia.shard_files, ia.merged_files, ib.shard_files, ib.merged_files) == (1, 0, 0, 1)
@@ -84,13 +90,41 @@ def test_inspect_reads_no_index_unless_asked_and_names_users_and_siblings(tmp_pa
     assert found.usage.in_use_bytes == ia.bytes and found.cache_folders == ()
 
     counted = admin.inspect(cache, items=True)
+    assert counted.items_counted == "index" and {i.items_counted for i in counted.namespaces} == {"index"}
     assert {i.fingerprint: i.items for i in counted.namespaces} == {a.fingerprint: 8, b.name: 5}
+    assert admin.inspect_namespace(b).items is None  # prune and clear count nothing
     (one,) = admin.inspect(b, items=True).namespaces  # PATH is one namespace: siblings beside it
     assert one.items == 5 and one.differs_from.fingerprint == a.fingerprint
     with pytest.raises(ValueError, match="no namespace 'zzz'"):
         admin.inspect(cache, namespace="zzz")
 
     assert admin.inspect(tmp_path).cache_folders == (admin.CacheFolder(str(cache), 2, ia.bytes + ib.bytes),)
+
+
+def test_stored_rows_count_an_item_two_jobs_stored_until_a_merge_and_a_file_without_them(tmp_path):
+    """Rows stored equal the distinct items except for items two jobs computed at the same
+    time (here: the same shard under a second job's name) until the next merge; a namespace
+    with a file that records no rows is counted through the index."""
+    skip_without_xattrs(tmp_path)
+    cache = tmp_path / "cache"
+    path = released(make(cache, 2.0, items=6))
+    (shard,) = path.glob("shard-*.h5")
+    twin = path / shard.name.replace("-p", "-p9", 1)  # another job's shard of the same items
+    twin.write_bytes(shard.read_bytes())
+    fileset.set_rows(twin, fileset.stored_rows(shard) or 0)
+    other = released(make(cache, 3.0, items=4))
+
+    def counts(**kw) -> dict:
+        return {i.fingerprint: (i.items, i.items_counted) for i in admin.inspect(cache, **kw).namespaces}
+
+    assert counts() == {path.name: (12, "rows"), other.name: (4, "rows")}
+    assert counts(items=True) == {path.name: (6, "index"), other.name: (4, "index")}
+    assert admin.merge_namespace(path, wait=5).status == "merged"
+    assert counts() == {path.name: (6, "rows"), other.name: (4, "rows")}
+
+    (merged,) = path.glob("merged-*.h5")
+    os.removexattr(merged, fileset.ROWS_XATTR)  # copied without xattrs, or written elsewhere
+    assert counts() == {path.name: (6, "index"), other.name: (4, "rows")}
 
 
 def test_a_different_key_is_named_the_same_way_by_the_dataset_and_by_inspect(tmp_path, caplog):

@@ -21,11 +21,12 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
+from conftest import skip_without_xattrs
 from helpers import LogCalls, Ragged, assert_same, count_calls
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cachedata import CachedDataset
+from cachedata import CachedDataset, fileset
 from cachedata.admin import NamespaceInfo, Problem, inspect_namespace, plan_prune, verify_namespace
 from cachedata.cli import main, render_table
 from cachedata.units import format_duration, format_size, parse_duration, parse_size
@@ -261,9 +262,9 @@ def test_render_table_aligns_columns():
 def _info(
     fp: str, nbytes: int, last_used: float, merging: bool = False, in_use_by: tuple = ()
 ) -> NamespaceInfo:
-    return NamespaceInfo(path=f"/c/{fp}", fingerprint=fp, items=None, bytes=nbytes, merged_files=1,
-                         shard_files=0, dataset_type="m.D", dataset_len=1, dataset_fingerprint=None,
-                         transform_repr=None, transform_fingerprint=None, version=None, key="index",
+    return NamespaceInfo(path=f"/c/{fp}", fingerprint=fp, items=None, items_counted=None, bytes=nbytes,
+                         merged_files=1, shard_files=0, dataset_type="m.D", dataset_len=1,
+                         dataset_fingerprint=None, transform_repr=None, transform_fingerprint=None, version=None, key="index",
                          versions={}, created=None, last_used=last_used, last_used_from="last_used",
                          merging=merging, in_use_by=in_use_by)  # fmt: skip
 
@@ -312,8 +313,9 @@ def test_verify_finds_corrupt_compressed_chunk(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_info_table_and_json(tmp_path, two):
+    skip_without_xattrs(tmp_path)
     a, b = two
-    table, js, quick = run_many(tmp_path, [("script", ["info", tmp_path / "cache", "--items"]),
+    table, js, quick = run_many(tmp_path, [("script", ["info", tmp_path / "cache"]),
                                            ("script", ["info", tmp_path / "cache", "--json", "--items"]),
                                            ("script", ["info", tmp_path / "cache", "--json"])])  # fmt: skip
     assert table.returncode == 0, table.stderr
@@ -358,25 +360,36 @@ def test_info_table_and_json(tmp_path, two):
     assert nb["differs_from"]["parts"] == ["transform"]
     assert nb["differs_from"]["changes"] == ["transform.scale: 2.0 -> 3.0"]
     me = f"{socket.gethostname()}:{os.getpid()}"  # the datasets of `two` are alive here
-    assert na["in_use_by"] == [me] and data["items_counted"] is True
+    assert na["in_use_by"] == [me] and data["items_counted"] == "index"
+    assert {n["items_counted"] for n in data["namespaces"]} == {"index"}
 
-    # Without --items: the same, less the item counts (no index is read)
+    # Without --items: the same, the items summed from the rows the files record (no index read)
     assert quick.returncode == 0, quick.stderr
     fast = json.loads(quick.stdout)
-    assert fast["items_counted"] is False and {n["items"] for n in fast["namespaces"]} == {None}
+    assert fast["items_counted"] == "rows" and {n["items_counted"] for n in fast["namespaces"]} == {"rows"}
     for n in fast["namespaces"]:
-        assert {**n, "items": by_fp[n["fingerprint"]]["items"]} == by_fp[n["fingerprint"]]
+        assert {**n, "items_counted": "index"} == by_fp[n["fingerprint"]]
 
 
-def test_info_without_items_says_how_to_count_them(tmp_path, two, capsys):
-    a, _ = two
+def test_info_shows_stored_rows_and_counts_where_a_file_records_none(tmp_path, two, capsys):
+    skip_without_xattrs(tmp_path)
+    a, b = two
     assert main(["info", str(tmp_path / "cache")]) == 0
     out = capsys.readouterr().out
-    header = out.splitlines()[0]
-    assert "ITEMS" not in header and "SIZE" in header and "IN USE BY" in header
-    assert "items not counted: add --items" in out
+    lines = out.splitlines()
+    assert lines[0].split()[:3] == ["FINGERPRINT", "ITEMS", "SIZE"] and "IN USE BY" in lines[0]
+    assert {line.split()[0]: line.split()[1] for line in lines[1:3]} == {a.fp[:12]: "15", b.fp[:12]: "20"}
+    assert "items: rows stored" in out and "--items counts distinct items" in out
     assert main(["info", str(tmp_path / "cache"), "--namespace", a.fp[:8]]) == 0  # details count them
     assert "items:      15" in capsys.readouterr().out
+
+    os.removexattr(a.path / files(a.path, "shard-")[0], fileset.ROWS_XATTR)  # as if copied without it
+    assert main(["info", str(tmp_path / "cache"), "--json"]) == 0
+    got = {
+        n["fingerprint"]: (n["items"], n["items_counted"])
+        for n in json.loads(capsys.readouterr().out)["namespaces"]
+    }
+    assert got == {a.fp: (15, "index"), b.fp: (20, "rows")}
 
 
 @pytest.mark.timeout(120)

@@ -11,11 +11,11 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
-from conftest import leftovers
+from conftest import leftovers, skip_without_xattrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cachedata import storage
+from cachedata import fileset, storage
 from cachedata.index import Index
 from cachedata.storage import CorruptFile, TransientError, read_index, write_file
 
@@ -93,13 +93,50 @@ def test_malformed_files_are_corrupt_not_transient(tmp_path, damage):
     assert not isinstance(info.value, TransientError)
 
 
+@pytest.mark.parametrize("compression", [None, "gzip"])
+def test_written_files_record_their_rows_in_an_xattr(tmp_path, compression):
+    """Shards (a row left out included) and merged files carry their row count from the
+    moment they are published: ``cachedata info`` reads it instead of the index."""
+    skip_without_xattrs(tmp_path)
+    keys = np.arange(0, 12, 2, dtype=np.int64)
+    payloads: list[bytes | None] = [bytes([int(k)]) * 8 for k in keys]
+    payloads[2] = None  # its bytes failed a check while being copied: left out
+    sums = np.asarray([storage.checksum(int(k), p or b"") for k, p in zip(keys, payloads)], np.uint64)
+    shard = tmp_path / "shard-r0-w0-p1-ab-0.h5"
+    written = write_file(
+        shard, kind="shard", namespace="ns", schema="{}", keys=keys, sizes=np.full(len(keys), 8),
+        checksums=sums, slots=np.zeros((len(keys), 0), np.int64), payloads=payloads, compression=compression,
+    )  # fmt: skip
+    assert len(written) == len(read_index(shard, namespace="ns")) == 5
+    assert os.getxattr(shard, fileset.ROWS_XATTR) == b"5" and fileset.stored_rows(shard) == 5
+
+    source, _ = _write(tmp_path / "source.h5", range(7))
+    merged = tmp_path / fileset.merged_name(1)
+    fd = os.open(source.path, os.O_RDONLY)
+    try:
+        piece = storage.Piece(fd, source.data_offset or 0, 0, source.data_bytes)
+        storage.write_merged(
+            merged, namespace="ns", schema="{}", keys=source.keys, offsets=source.offsets,
+            sizes=source.sizes, checksums=source.checksums, slots=source.slots, pieces=[piece],
+            total=source.data_bytes, sources=("source.h5",), use_copy_file_range=False,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    assert len(read_index(merged, namespace="ns")) == fileset.stored_rows(merged) == 7
+    assert leftovers(tmp_path) == []
+    listing = fileset.list_files(tmp_path)  # the shard and the merged file (source.h5: no data file name)
+    assert len(listing.files) == 2 and fileset.listing_rows(tmp_path, listing) == 5 + 7
+    os.removexattr(merged, fileset.ROWS_XATTR)  # as if copied without xattrs, or written elsewhere
+    assert fileset.stored_rows(merged) is None and fileset.listing_rows(tmp_path, listing) is None
+
+
 def test_too_many_open_files_is_transient(tmp_path):
     """EMFILE while opening a file is an environmental error, never corruption."""
     _write(tmp_path / "f.h5", [1, 2, 3])
     code = textwrap.dedent(
         f"""
         import resource, pathlib
-        from cachedata import storage
+        from cachedata import fileset, storage
         fds = []
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         try:

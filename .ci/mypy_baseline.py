@@ -35,7 +35,8 @@ def current() -> collections.Counter[str]:
     for line in res.stdout.splitlines():
         m = _LINE.match(line)
         if m:
-            errors[f"{m['path']}: {m['message']}"] += 1
+            message = re.sub(r"\bline \d+", "line N", m["message"])  # "already defined on line 497"
+            errors[f"{m['path']}: {message}"] += 1
     return errors
 
 

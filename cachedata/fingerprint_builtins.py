@@ -32,6 +32,7 @@ from typing import Any
 from .checks import type_name
 from .fingerprint_walker import (
     BUILTIN_VALUE_TYPES,
+    Handler,
     Result,
     Walker,
     big,
@@ -546,33 +547,38 @@ def _has_hook(cls: type) -> bool:
     return not issubclass(cls, type) and hasattr(cls, "__cachedata_fingerprint__")
 
 
+#: Handlers by type, for the type and its subclasses (the nearest class in the MRO wins).
+_HANDLERS: tuple[tuple[type, Handler], ...] = (
+    (list, _sequence),
+    (tuple, _sequence),
+    (dict, _dict),
+    (set, _set),
+    (frozenset, _set),
+    (collections.OrderedDict, _ordered),
+    (collections.defaultdict, _defaultdict),
+    (memoryview, _memoryview),
+    (enum.Enum, _enum),
+    (type, _class),
+    (types.FunctionType, _function),
+    (types.CodeType, _code),
+    (types.MethodType, _method),
+    (functools.partial, _partial),
+    (types.BuiltinFunctionType, _builtin_function),
+    (types.MethodWrapperType, _method_wrapper),
+    *((t, _descriptor) for t in _DESCRIPTOR_TYPES),
+    (staticmethod, _static_or_class_method),
+    (classmethod, _static_or_class_method),
+    (property, _property),
+    (functools.cached_property, _cached_property),
+    (types.ModuleType, _module),
+    (logging.Logger, _logger),
+    (random.Random, _random),
+    (object, _reduce),
+)
+
 register_predicate(_has_hook, _hook, order=-1)
-register_type(list, _sequence)
-register_type(tuple, _sequence)
-register_type(dict, _dict)
-register_type(set, _set)
-register_type(frozenset, _set)
-register_type(collections.OrderedDict, _ordered)
-register_type(collections.defaultdict, _defaultdict)
-register_type(memoryview, _memoryview)
-register_type(enum.Enum, _enum)
-register_type(type, _class)
-register_type(types.FunctionType, _function)
-register_type(types.CodeType, _code)
-register_type(types.MethodType, _method)
-register_type(functools.partial, _partial)
-register_type(types.BuiltinFunctionType, _builtin_function)
-register_type(types.MethodWrapperType, _method_wrapper)
-for _t in _DESCRIPTOR_TYPES:
-    register_type(_t, _descriptor)
-register_type(staticmethod, _static_or_class_method)
-register_type(classmethod, _static_or_class_method)
-register_type(property, _property)
-register_type(functools.cached_property, _cached_property)
-register_type(types.ModuleType, _module)
-register_type(logging.Logger, _logger)
-register_type(random.Random, _random)
+for _t, _handler in _HANDLERS:
+    register_type(_t, _handler)
 register_predicate(dataclasses.is_dataclass, _dataclass, order=10)
 register_predicate(lambda cls: issubclass(cls, _UNSUPPORTED), _unsupported, order=20)
 register_predicate(lambda cls: issubclass(cls, BUILTIN_VALUE_TYPES), _builtin_subclass, order=30)
-register_type(object, _reduce)

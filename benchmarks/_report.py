@@ -308,6 +308,10 @@ def cold_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 peaks.append("-")
                 continue
             cold = srec.get("cold")
+            if s == "cachedata_collate":
+                cells.append("as cachedata")
+                peaks.append("-")
+                continue
             if srec.get("status") != "ok" or not cold:
                 cells.append(srec.get("reason", "-") if srec.get("status") != "ok" else "-")
                 peaks.append("-")

@@ -392,7 +392,8 @@ class Run:
                 "system": s,
                 "root": str(self.tmp / "src"),
                 "n": n,
-                "store": str(store / s),
+                # cachedata + CachedCollate reads cachedata's store: the same cold pass
+                "store": str(store / ("cachedata" if s == "cachedata_collate" else s)),
                 "limit_store": str(store / "limit"),
                 "torch_threads": self.args.torch_threads,
                 **extra,
@@ -414,6 +415,8 @@ class Run:
             srec["status"] = "ok"
             if s == "uncached":
                 continue  # its cold pass is any pass: its DataLoader(num_workers=0) rate below
+            if s == "cachedata_collate":
+                continue  # reads cachedata's store (the collate plays no part in a cold pass)
             try:
                 srec["cold"] = self.zygotes[v0].request({"op": "run", "task": task("build", s)})
             except BenchError as exc:

@@ -7,28 +7,32 @@ Workloads (generated deterministically in a temporary folder):
 - audio   2,000 FLAC files of 1..5 s at 16 kHz -> ragged float32 waveforms.
 
 Systems: uncached (the transform every time); the limit (the same bytes concatenated in one
-raw file read through np.memmap); cachedata; MONAI PersistentDataset and CacheDataset (in RAM,
-shown for reference); Hugging Face datasets (map cache, with_format("torch")); one np.savez
-file per item. MONAI and datasets are optional (``pip install -r requirements-bench.txt``);
+raw file read through np.memmap); cachedata, alone and with CachedCollate; MONAI
+PersistentDataset and CacheDataset (in RAM, shown for reference); Hugging Face datasets (map
+cache, with_format("torch"), batched reads); litdata (optimize); Mosaic streaming (MDS); one
+np.savez file per item. The peers are optional (``pip install -r requirements-bench.txt``);
 a missing one is reported and the peer targets are judged against the peers present.
 
 Figures: cold pass items/s; warm items/s and MB/s for a ``ds[i]`` loop and
 DataLoader(batch_size=64) with num_workers=0 and 2; ratio to the limit; disk bytes; peak RSS;
 the 1 ms-transform cold case; open time, index memory and per-item cost at 10k..1M items.
 Every cold pass, and every reader of one (workload, system, column), runs in its own
-process, once with glibc's default malloc settings and once with MALLOC_TRIM_THRESHOLD_ /
-MALLOC_MMAP_THRESHOLD_ raised; rounds are interleaved across all readers; targets are judged on medians of per-round ratios, and re-measured (runs
-pooled) when within 1.3x of their threshold. See benchmarks/README.md.
+process, with glibc's default malloc settings and (``--variants``) with MALLOC_TRIM_THRESHOLD_ /
+MALLOC_MMAP_THRESHOLD_ raised; rounds are interleaved across all readers; targets are judged
+on medians of per-round ratios, and re-measured (runs pooled) when within 1.3x of their
+threshold. This file runs the measurements; ``_peers_runner.py`` is the measuring side and
+``_report.py`` judges and renders. See benchmarks/README.md.
 
 Usage:
-    python benchmarks/bench_peers.py             # the whole suite, ~10-12 min on 2 idle cores
-    python benchmarks/bench_peers.py --quick     # smaller sizes, ~3 min
-    python benchmarks/bench_peers.py --tiny      # seconds (a smoke test)
-    python benchmarks/bench_peers.py --report-only [--json PATH]   # re-render from a JSON
+    python benchmarks/bench_peers.py [--update-readme]   # the whole suite (+ README's tables)
+    python benchmarks/bench_peers.py --quick     # smaller sizes, ~4 min
+    python benchmarks/bench_peers.py --tiny      # a smoke test
+    python benchmarks/bench_peers.py --report-only [--json PATH] [--update-readme]   # re-render
 
-Writes benchmarks/results/peers.json, benchmarks/results/peers.png, BENCHMARKS.md and the
-README's headline table (--quick / --tiny write ``peers-quick.*`` / ``peers-tiny.*`` under
-benchmarks/results/ and leave BENCHMARKS.md and README.md alone). Exit status 1 on a FAIL.
+Writes benchmarks/results/peers.json, benchmarks/results/peers.png and BENCHMARKS.md
+(--quick / --tiny write ``peers-quick.*`` / ``peers-tiny.*`` under benchmarks/results/), and
+the README's generated tables only with --update-readme. Exit status 1 on a FAIL, 2 when
+the benchmark itself broke.
 """
 
 from __future__ import annotations

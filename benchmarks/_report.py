@@ -493,6 +493,15 @@ def render_markdown(report: dict[str, Any], png: Path | None, md_path: Path) -> 
         f"{report.get('total_seconds', 0):.0f} s); the raw numbers are in the JSON next to the chart. "
         "Do not edit by hand: rerun the command (or `--report-only` to re-render from the JSON).",
         "",
+        *(
+            [
+                "Measured with glibc's default malloc settings only (`--variants default`); a run "
+                "without that option also measures the raised-threshold variant.",
+                "",
+            ]
+            if len(variants) == 1
+            else []
+        ),
         "```bash",
         report["command"],
         "```",
@@ -503,8 +512,14 @@ def render_markdown(report: dict[str, Any], png: Path | None, md_path: Path) -> 
         "",
         "## Targets",
         "",
-        "Judged on the default malloc settings (what users get); the raised-malloc column shows how "
-        "much of a gap comes from this machine's slow fresh-memory page faults. A value is the median "
+        "Judged on the default malloc settings (what users get)"
+        + (
+            "; the raised-malloc column shows how much of a gap comes from this machine's slow "
+            "fresh-memory page faults"
+            if len(variants) > 1
+            else ""
+        )
+        + ". A value is the median "
         f"of per-round ratios of interleaved runs (at least {cfg['rounds']}), `[min..max]` their range; "
         "when a value was within 1.3x of its threshold the comparison was measured again and judged on "
         "all runs pooled. Peers that count are the disk-backed ones; MONAI's CacheDataset (in RAM) is "
@@ -761,7 +776,49 @@ def notes_text(report: dict[str, Any]) -> str:
         "- **the limit** has no index, no checksum, no dtype/shape metadata and no invalidation; it "
         "is the floor, not a usable cache."
     )
+    lines += failure_notes(report)
     return "\n".join(lines)
+
+
+def cpu_rate(vrec: dict[str, Any], col: str) -> float | None:
+    """Median items per CPU-second of the reading process (DataLoader workers not counted)."""
+    k = vrec.get("items", {}).get(col)
+    vals = [k / s["cpu_seconds"] for s in vrec.get("samples", {}).get(col, []) if s.get("cpu_seconds")]
+    return statistics.median(vals) if k and vals else None
+
+
+def failure_notes(report: dict[str, Any]) -> list[str]:
+    """For each failed target, what this run says about it beyond the number."""
+    v0 = first_variant(report)
+    m = report["machine"]
+    load = ", ".join(
+        f"{wl} {rec['load_average_1min'][0]:.1f} -> {rec['load_average_1min'][1]:.1f}"
+        for wl, rec in report["workloads"].items()
+        if "load_average_1min" in rec
+    )
+    specs = {t["id"]: t for t in report["target_spec"]}
+    out = []
+    for t in report.get("targets") or judge_all(report):
+        spec, res = specs.get(t["id"]), t["by_variant"].get(v0, {})
+        if t["verdict"] != "FAIL" or spec is None or spec["kind"] == "cold":
+            continue
+        wl, col = spec["workload"], spec["column"]
+        mine = cpu_rate(vrec_of(report, wl, spec.get("subject", "cachedata"), v0), col)
+        if spec["kind"] == "rate" and mine:
+            out.append(
+                f"- **Failed: {t['text']}**: {res['value']:,.0f}/s of wall time, but {mine:,.0f} items "
+                f"per CPU-second of the reading process. It is an absolute rate, and the 1-minute load "
+                f"average during this run was {load} on {m.get('cpu_count')} CPUs: the reader got a "
+                "fraction of a CPU."
+            )
+        elif spec["kind"] == "vs_peers" and res.get("fastest_peer"):
+            theirs = cpu_rate(vrec_of(report, wl, res["fastest_peer"], v0), col)
+            per_cpu = f"; per CPU-second of each reader {mine / theirs:.2f}x" if mine and theirs else ""
+            out.append(
+                f"- **Failed: {t['text']}**: {res['value']:.2f} [{res['min']:.2f}..{res['max']:.2f}] "
+                f"against {label(report, res['fastest_peer'])}{per_cpu}."
+            )
+    return out
 
 
 def winners_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -903,8 +960,6 @@ def compare_markdown(report: dict[str, Any]) -> str:
         if not st:
             return "-"
         text = fmt_rate(st["median"])
-        if report["systems"][s]["role"] == "reference":
-            text += " (RAM)"
         return f"**{text}**" if s == "cachedata_collate" or (s == "cachedata" and col == "loop") else text
 
     def cold_cell(wl: str, s: str) -> str:

@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts (bench_core.py, bench_peers.py and its runner).
+"""Helpers shared by the benchmark scripts (bench_core, bench_peers and its runner, bench_scale, bench_features).
 
 Statistics (``summary``), timing (``timed``, ``interleaved``, ``epoch``), memory probes
 (``vm_hwm``, ``reset_hwm``, ``rss``), the machine description and an atomic JSON writer.
@@ -45,10 +45,14 @@ def maybe_summary(values: list[float | None]) -> dict[str, float] | None:
 # -------------------------------------------------------------------------------- timing
 
 
-def epoch(loader: Any) -> int:
+def epoch(loader: Any, *, into: list | None = None) -> int:
+    """Iterate ``loader`` once; returns the item count (``len`` of each batch). ``into``: a
+    list that collects the items, for loaders whose batches are lists (``collate_fn=list``)."""
     n = 0
     for batch in loader:
         n += len(batch)
+        if into is not None:
+            into.extend(batch)
     return n
 
 

@@ -23,14 +23,15 @@ time slice each; a stack amortizes both. So the speedup grows with the thread co
 the load from other processes; with one thread it is about the cache behaviour alone. The
 thread count, CPU count and load average are reported with the results.
 
-Usage: python benchmarks/bench_features.py [--quick] [--items N] [--repeats N] [--threads N]
-Writes the results as JSON to benchmarks/results/features.json.
+Usage: python benchmarks/bench_features.py [--quick | --tiny] [--items N] [--repeats N] [--threads N]
+Writes the results as JSON to benchmarks/results/features.json (``--quick`` / ``--tiny``:
+features-quick.json / features-tiny.json). Exit status 1 when the target fails, 2 when a sanity
+check fails (the variants disagree, or the warm epoch recomputed).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -38,12 +39,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common
+
 from cachedata import CachedDataset, fingerprint
 from cachedata.transforms import Features
 
@@ -92,36 +95,51 @@ def epoch(dataset: CachedDataset) -> tuple[float, list[torch.Tensor]]:
     cost), so that the warm epoch reads them from the file, not from the buffer.
     """
     loader = DataLoader(dataset, batch_size=BATCH_SIZE, collate_fn=list)
+    items: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    items = [x for batch in loader for x in batch]
+    _common.epoch(loader, into=items)
     dataset.flush()
     return time.perf_counter() - t0, items
 
 
-def spread(values: list[float]) -> float:
-    """Half the (max - min) range relative to the median."""
-    med = statistics.median(values)
-    return (max(values) - min(values)) / 2 / med if med else 0.0
+def broken(message: str) -> NoReturn:
+    """A sanity check failed: the numbers would be meaningless (exit status 2, not a FAIL)."""
+    print(f"benchmark sanity check failed: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="64 items (one batch): a ~1 minute smoke run")
-    parser.add_argument("--items", type=int, default=None, help="items per epoch (default 128, --quick 64)")
-    parser.add_argument("--repeats", type=int, default=3, help="cold epochs per variant (median; >= 1)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="64 items (one batch): a ~1 minute smoke run")
+    size.add_argument("--tiny", action="store_true", help="2 items, 1 repeat: seconds (what the tests run)")
+    parser.add_argument(
+        "--items", type=int, default=None, help="items per epoch (default 128, --quick 64, --tiny 2)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="cold epochs per variant (median; >= 1; default 3, --tiny 1)",
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch intra-op threads (default 0: keep torch's default)"
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "results" / "features.json",
-        help="where to write the JSON results",
+        default=None,
+        help="where to write the JSON results (default benchmarks/results/features[-quick|-tiny].json)",
     )
-    args = parser.parse_args()
-    items = args.items if args.items is not None else (64 if args.quick else 128)
-    if items < 1 or args.repeats < 1:
+    args = parser.parse_args(argv)
+    mode = "tiny" if args.tiny else "quick" if args.quick else "full"
+    items = args.items if args.items is not None else {"full": 128, "quick": 64, "tiny": 2}[mode]
+    repeats = args.repeats if args.repeats is not None else (1 if args.tiny else 3)
+    if items < 1 or repeats < 1:
         parser.error("--items and --repeats must be >= 1")
+    out = args.out or Path(__file__).resolve().parent / "results" / (
+        "features.json" if mode == "full" else f"features-{mode}.json"
+    )
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -146,19 +164,19 @@ def main() -> int:
     load = [load_average()]
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cachedata-bench-features-") as tmp:
-        for r in range(args.repeats):
+        for r in range(repeats):
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
             for name in order:
                 ds = CachedDataset(data, Path(tmp) / f"{name}-{r}", transform=variants[name][1])
                 seconds, got = epoch(ds)
                 if ds.stats.misses != items:
-                    raise SystemExit(f"benchmark sanity check failed: {ds.stats.misses} misses, not {items}")
+                    broken(f"{ds.stats.misses} misses, not {items}")
                 times[name].append(seconds)
                 outputs[name] = got
                 if name == "batched":
                     warm_seconds, again = epoch(ds)
                     if ds.stats.hits != items or not all(torch.equal(a, b) for a, b in zip(got, again)):
-                        raise SystemExit("benchmark sanity check failed: the warm epoch differs")
+                        broken("the warm epoch differs")
                     warm.append(warm_seconds)
                 ds.clear()
     load.append(load_average())
@@ -168,7 +186,7 @@ def main() -> int:
     for name in ("batched", "batched16"):
         diff = max((a - b).abs().max().item() for a, b in zip(outputs["per_item"], outputs[name]))
         if diff > 1e-3 * max(scale, 1.0):
-            raise SystemExit(f"benchmark sanity check failed: {name} and per-item features differ by {diff}")
+            broken(f"{name} and per-item features differ by {diff}")
         max_diff = max(max_diff, diff)
 
     ratios = {
@@ -182,14 +200,15 @@ def main() -> int:
         f"CPU, torch {torch.__version__}, {threads} torch thread(s), {os.cpu_count()} CPUs, "
         f"load average {load[0]} -> {load[1]}"
     )
-    print(f"medians of {args.repeats} interleaved repeats; PASS = batched at least {TARGET:.0f}x faster")
+    print(f"medians of {repeats} interleaved repeats; PASS = batched at least {TARGET:.0f}x faster")
     print(f"{'variant':38s} {'epoch s':>8s} {'ms/item':>8s} {'items/s':>8s} {'spread':>7s} {'speedup':>8s}")
     rows = [(label, times[name], name) for name, (label, _) in variants.items()]
     rows.append(("warm epoch (cache hits)", warm, None))
     for label, values, name in rows:
         m = statistics.median(values)
         sp = f"{speedups[name]:7.2f}x" if name in speedups else f"{'':8s}"
-        print(f"{label:38s} {m:8.2f} {m / items * 1e3:8.1f} {items / m:8.1f} {spread(values):6.0%} {sp}")
+        half_spread = _common.summary(values)["spread"] / 2
+        print(f"{label:38s} {m:8.2f} {m / items * 1e3:8.1f} {items / m:8.1f} {half_spread:6.0%} {sp}")
     pr = ratios["batched"]
     print(
         f"batched vs per item: {speedups['batched']:.2f}x (paired ratios {min(pr):.2f}..{max(pr):.2f}), "
@@ -199,12 +218,13 @@ def main() -> int:
 
     results: dict[str, Any] = {
         "benchmark": "features",
+        "mode": mode,
         "quick": args.quick,
         "model": "torchvision resnet18(weights=None), seed 0, eval, frozen",
         "input_shape": list(SHAPE),
         "items": items,
         "batch_size": BATCH_SIZE,
-        "repeats": args.repeats,
+        "repeats": repeats,
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
         "load_average_before_after": load,
@@ -224,11 +244,7 @@ def main() -> int:
         "max_abs_diff": max_diff,
         "total_seconds": total,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {_common.write_json(out, results)}")
     return 0 if ok else 1
 
 

@@ -20,8 +20,9 @@ import threading
 import numpy as np
 
 #: Bytes of buffers one process keeps track of (in use by the caller or idle). Idle ones
-#: are what the pool costs in memory; 64 MiB holds a batch of 64 float32 3x224x224 images.
-POOL_BYTES = 64 * 1024 * 1024
+#: are what the pool costs in memory; 128 MiB holds a batch of 64 float32 3x224x224 images
+#: twice over: the payloads read for it and the batch CachedCollate stacks them into.
+POOL_BYTES = 128 * 1024 * 1024
 #: Requests of fewer bytes than this are left to the heap, which reuses small blocks itself.
 MIN_BYTES = 64 * 1024
 #: Buffers looked at per request before a fresh one is allocated: the oldest handed out

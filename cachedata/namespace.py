@@ -31,7 +31,7 @@ from . import buffers, compaction, fileset, metadata, scrub, storage
 from . import schema as schema_mod
 from .index import Index, Segment
 from .scrub import FileCheck
-from .storage import MAP_BELOW, CorruptFile, FileIndex, TransientError, checksum, read_index, write_file
+from .storage import CorruptFile, FileIndex, TransientError, checksum, read_index, write_file
 
 logger = logging.getLogger("cachedata")
 
@@ -357,12 +357,18 @@ class Store:
         for i, (p, off, n, want, s) in enumerate(zip(where, offsets, sizes, sums, slots)):
             key = keys[p]
             try:
-                if view is not None and n < MAP_BELOW:
-                    # The common small hit: one copy out of the map into a fresh writable buffer.
-                    buf = bytearray(view[off : off + n])
-                    if len(buf) != n:
+                if view is not None:
+                    # A local file: one copy out of the map into a fresh writable buffer (a
+                    # bytearray when small, a recycled one when large; see buffers.empty).
+                    src = view[off : off + n]
+                    if src.nbytes != n:
                         raise CorruptFile(f"{reader.path}: short read of {n} bytes at {off}")
-                else:  # large (or a network filesystem): see buffers.empty
+                    if n < buffers.MIN_BYTES:
+                        buf = bytearray(src)
+                    else:
+                        buf = buffers.take(n)  # type: ignore[assignment]  # a uint8 array: a buffer too
+                        memoryview(buf)[:] = src
+                else:  # a network filesystem (or a compressed file): see buffers.empty
                     buf = buffers.empty(n)
                     if reader.compressed:
                         reader.read_into(memoryview(buf), off)

@@ -988,3 +988,37 @@ def test_collate_fn_map_in_workers(context: str) -> None:
     for a, b in zip(got, expected, strict=True):
         assert isinstance(a["box"], Boxes)
         assert_same(a, b)
+
+
+# -- recycled outputs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pad", [0, -0.0, 3], ids=["zero", "negative-zero", "three"])
+def test_large_padded_outputs_reuse_memory_without_stale_bytes(pad: float) -> None:
+    """Outputs of 64 KiB and more come from cachedata.buffers' recycled memory. A zero pad is
+    written per row (memset of each tail) instead of a fill of the whole output, so a reused
+    buffer must not show the previous batch's bytes in the padding."""
+    collate = CachedCollate(pad_value=pad)
+    long = [torch.full((41_111,), 9.0), torch.full((30_000,), 8.0)]  # 329 KB (a size class of its own)
+    first = collate(long)
+    first_ptr = first.data_ptr()
+    del first  # idle now: the next batch of the same size may get its memory
+    short = [torch.full((41_111,), 1.0), torch.full((5,), 2.0)]
+    second = collate(short)
+    assert second.data_ptr() == first_ptr, "the first batch's buffer is reused"
+    assert_same(second, reference_pad(short, pad))
+    negative_zero = str(pad) == "-0.0"
+    assert torch.equal(torch.signbit(second[1, 5:]), torch.full((41_106,), negative_zero))
+
+
+def test_a_batch_still_held_is_never_overwritten() -> None:
+    collate = CachedCollate()
+    images = [torch.full((3, 128, 128), float(i)) for i in range(8)]  # 1.5 MB: stacked into a recycled buffer
+    held = collate(images)
+    view = collate([torch.ones(40_000), torch.ones(3)])[1]  # only a view of this batch survives
+    expected_held, expected_view = held.clone(), view.clone()
+    for _ in range(4):
+        collate([torch.full((3, 128, 128), -1.0)] * 8)
+        collate([torch.full((40_000,), -1.0), torch.ones(3)])
+    assert_same(held, expected_held)
+    assert_same(view, expected_view)

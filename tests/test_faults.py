@@ -328,3 +328,43 @@ def test_long_run_has_no_memory_or_handle_growth(tmp_path):
     assert ds.stats.misses == warmed.misses and ds.stats.hits - warmed.hits >= 20 * n
     del loader
     time.sleep(0.1)
+
+
+class _Waves(torch.utils.data.Dataset):
+    """Large ragged float32 items (80..120 KB: above buffers.MIN_BYTES, the recycled-buffer path)."""
+
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": torch.arange(20_000 + 5_000 * i, dtype=torch.float32) * (i + 1), "label": i}
+
+    def __cachedata_fingerprint__(self) -> str:
+        return "waves-v1"
+
+
+@pytest.mark.parametrize("shared_fs", ["0", "1"], ids=["mapped", "preadv"])
+def test_large_payloads_changed_under_an_open_reader_are_caught(tmp_path, monkeypatch, shared_fs):
+    """Large payloads go through the same checks as small ones on both read paths (copied out of
+    the map into a recycled buffer, or preadv), for batches and for ds[i]."""
+    monkeypatch.setenv("CACHEDATA_SHARED_FS", shared_fs)
+    src = _Waves()
+    want = [add_one(src[i]) for i in range(len(src))]
+    ds = CachedDataset(src, tmp_path, transform=add_one)
+    ds.__getitems__(list(range(len(src))))
+    ds.merge()
+    (merged,) = ds.path.glob("merged-*.h5")
+    reader = CachedDataset(src, tmp_path, transform=add_one)
+    assert_same(reader.__getitems__(list(range(len(src)))), want)
+    assert_same([reader[i] for i in range(len(src))], want)
+    first = reader[3]
+    at, size = _payload_at(merged, 3)
+    with open(merged, "r+b") as fh:
+        fh.seek(at + size - 1)
+        byte = fh.read(1)[0]
+        fh.seek(at + size - 1)
+        fh.write(bytes([byte ^ 0x01]))
+    assert_same(reader.__getitems__([2, 3, 4]), [want[2], want[3], want[4]])
+    assert reader.stats.misses == 1, "item 3 is recomputed once, then served from its new shard"
+    assert_same(reader[3], want[3])
+    assert_same(first, want[3])  # read before the change: its own copy, not a view of the file

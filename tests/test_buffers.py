@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from cachedata import CachedDataset, buffers
 
-N = 300_000  # bytes: above storage.MAP_BELOW, the size the pool serves
+N = 300_000  # bytes: above buffers.MIN_BYTES, the size the pool serves
 
 
 def base_address(a: np.ndarray) -> int:

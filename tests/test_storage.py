@@ -236,7 +236,7 @@ def test_private_memory_per_item_of_two_readers(tmp_path):
     assert psutil  # used above through the child processes
 
 
-@pytest.mark.parametrize("numel", [4, 40_000])  # copied out of the map, and read with preadv
+@pytest.mark.parametrize("numel", [4, 40_000])  # into a bytearray, and into a recycled buffer
 def test_a_batch_partly_in_the_only_loaded_file_reads_only_its_own_rows(tmp_path, caplog, numel):
     """Keys absent from the one loaded file are misses, never row -1 of that file."""
     import logging

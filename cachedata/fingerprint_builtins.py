@@ -75,7 +75,7 @@ _LIBRARY_CACHE: dict[str, bool] = {}
 
 def is_library_module(name: str | None) -> bool:
     """True for stdlib/installed modules (fingerprinted by name), False for user code."""
-    if not name or name == "__main__":
+    if not isinstance(name, str) or not name or name == "__main__":  # Cython: a descriptor
         return False
     cached = _LIBRARY_CACHE.get(name)
     if cached is not None:

@@ -384,7 +384,8 @@ _HF_TOKENIZER_SETTINGS = (
 
 
 def _is_transformers_class(cls: type) -> bool:
-    return (getattr(cls, "__module__", "") or "").startswith("transformers.")
+    module = getattr(cls, "__module__", None)  # a descriptor on some compiled classes (Cython)
+    return isinstance(module, str) and module.startswith("transformers.")
 
 
 def _transformers(w: Walker, obj: Any) -> Result | None:

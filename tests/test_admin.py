@@ -49,8 +49,13 @@ def make(
     return ds
 
 
-def released(ds: CachedDataset) -> Path:
-    """The dataset's folder once the dataset (and with it its lease) is gone."""
+def made(*args, **kwargs) -> Path:
+    """``make(...)``'s folder once that dataset (and with it its lease) is gone.
+
+    The dataset is a local of this frame only: on Python 3.10 a caller's argument stays
+    referenced until the call returns, so ``made(...)`` would keep it alive.
+    """
+    ds = make(*args, **kwargs)
     path = ds.path
     del ds
     gc.collect()
@@ -72,7 +77,7 @@ def test_inspect_sums_stored_rows_unless_asked_and_names_users_and_siblings(tmp_
     skip_without_xattrs(tmp_path)
     cache = tmp_path / "cache"
     a = make(cache, 2.0)  # alive: this process leases it
-    b = released(make(cache, 3.0, items=5, merge=True))
+    b = made(cache, 3.0, items=5, merge=True)
     found = admin.inspect(cache)
     assert found.items_counted == "rows"
     assert {i.fingerprint: (i.items, i.items_counted) for i in found.namespaces} == {
@@ -107,12 +112,12 @@ def test_stored_rows_count_an_item_two_jobs_stored_until_a_merge_and_a_file_with
     with a file that records no rows is counted through the index."""
     skip_without_xattrs(tmp_path)
     cache = tmp_path / "cache"
-    path = released(make(cache, 2.0, items=6))
+    path = made(cache, 2.0, items=6)
     (shard,) = path.glob("shard-*.h5")
     twin = path / shard.name.replace("-p", "-p9", 1)  # another job's shard of the same items
     twin.write_bytes(shard.read_bytes())
     fileset.set_rows(twin, fileset.stored_rows(shard) or 0)
-    other = released(make(cache, 3.0, items=4))
+    other = made(cache, 3.0, items=4)
 
     def counts(**kw) -> dict:
         return {i.fingerprint: (i.items, i.items_counted) for i in admin.inspect(cache, **kw).namespaces}
@@ -213,7 +218,7 @@ def test_check_file_finds_a_row_that_points_outside_the_data(tmp_path):
 
 
 def test_merge_keeps_the_compression_and_counts_items(tmp_path):
-    path = released(make(tmp_path / "cache", 2.0, shards=3, compression="lzf"))
+    path = made(tmp_path / "cache", 2.0, shards=3, compression="lzf")
     result = admin.merge_namespace(path, wait=5.0)
     assert (result.status, result.files_before, result.files_after, result.items) == ("merged", 3, 1, 8)
     with h5py.File(path / result.merged_file, "r", locking=False) as f:
@@ -239,7 +244,7 @@ HOLD = textwrap.dedent(
 
 def test_prune_never_removes_what_a_running_job_leases(tmp_path):
     cache = tmp_path / "cache"
-    olds = [aged(released(make(cache, s)), days) for s, days in ((1.0, 30), (2.0, 20), (3.0, 10))]
+    olds = [aged(made(cache, s), days) for s, days in ((1.0, 30), (2.0, 20), (3.0, 10))]
     here = Path(__file__).parent
     code = HOLD.format(tests=str(here), root=str(here.parent), cache=str(cache), log=str(tmp_path / "calls.log"),
                        scale=2.0)  # fmt: skip
@@ -274,7 +279,7 @@ def test_prune_never_removes_what_a_running_job_leases(tmp_path):
 
 def test_prune_looks_again_right_before_removing(tmp_path):
     cache = tmp_path / "cache"
-    path = aged(released(make(cache, 2.0)), 30)
+    path = aged(made(cache, 2.0), 30)
     infos = [admin.inspect_namespace(path)]
     plan = admin.plan_prune(infos, older_than=DAY, max_bytes=None, now=time.time())
     assert [i.path for i, _ in plan.remove] == [str(path)]
@@ -289,7 +294,7 @@ def test_delete_removes_a_namespace_in_use_and_the_job_computes_again(tmp_path):
     cache = tmp_path / "cache"
     log = tmp_path / "calls.log"
     job = make(cache, 2.0)
-    other = released(make(cache, 3.0))
+    other = made(cache, 3.0)
     assert count_calls(log) == 16
     removals = admin.delete([job.path, other])
     assert [(r.fingerprint, r.removed) for r in removals] == [(job.fingerprint, True), (other.name, True)]

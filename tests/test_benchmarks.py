@@ -148,6 +148,7 @@ def test_the_readme_is_rewritten_only_when_asked():
         import bench_peers
     finally:
         sys.path.remove(str(SCRIPT.parent))
+        sys.modules.pop("_common", None)  # benchmarks' _common must not shadow the examples' one
     for mode in ("full", "quick", "tiny"):
         assert bench_peers.default_paths(mode)["readme"] is None, mode
     assert bench_peers.parse_args([]).update_readme is None

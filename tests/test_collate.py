@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import pickle
+import sys
 from collections import OrderedDict, UserDict
 from typing import Any, NamedTuple
 
@@ -941,7 +942,8 @@ def test_collate_fn_map_errors_name_the_function_and_place() -> None:
 
     with pytest.raises(RuntimeError, match="no boxes today") as info:
         CachedCollate(collate_fn_map={Box: broken})(boxes())
-    assert 'collate_fn_map function for test_collate.Box at ["box"]' in "\n".join(info.value.__notes__)
+    if sys.version_info >= (3, 11):  # Exception.add_note; on 3.10 the error goes on unannotated
+        assert 'collate_fn_map function for test_collate.Box at ["box"]' in "\n".join(info.value.__notes__)
 
 
 @pytest.mark.parametrize(

@@ -33,11 +33,16 @@ def test_image_classification(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_image_classification_image_folder(tmp_path):
+    # benchmarks/ and examples/ both have a top-level _common module: import the examples' own.
+    saved = sys.modules.pop("_common", None)
     sys.path.insert(0, str(EXAMPLES))
     try:
         from image_classification import make_image_folder
     finally:
         sys.path.remove(str(EXAMPLES))
+        sys.modules.pop("_common", None)
+        if saved is not None:
+            sys.modules["_common"] = saved
     data = make_image_folder(tmp_path / "images", 12, classes=3)
     out = run_example(
         "image_classification.py", tmp_path, "--data", str(data), "--batch-size", "4", "--size", "32"

@@ -306,7 +306,7 @@ def _build_small(root: Path, n: int, mode: str) -> Path:
     ds = CachedDataset(Small(n), root / f"idx-{mode}-{n}", key=key)
     ds[0]
     ds.flush()  # fixes the schema
-    keys = np.arange(n, dtype=np.int64) if key is None else np.sort([ds._key_of(i) for i in range(n)])
+    keys = np.arange(n, dtype=np.int64) if key is None else np.sort(ds._addresses.base_keys())
     payload = np.zeros(8, np.uint8)
     sums = np.asarray([checksum(int(k), payload, [1]) for k in keys], np.uint64)
     write_file(

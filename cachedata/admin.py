@@ -326,7 +326,8 @@ def merge_namespace(path: Path, *, wait: float, progress: bool = False, full: bo
     readers); ``full`` rewrites every file into one. ``wait``: seconds to wait for another
     merger; ``progress``: show a progress bar on stderr."""
     from . import storage  # numpy and HDF5: only for merge (see the module docstring)
-    from .namespace import Identity, Store
+    from .namespace import Store
+    from .shards import Identity
 
     listing = fileset.list_files(path)
     before = len(listing.files)

@@ -16,7 +16,6 @@ Background merges run on one daemon thread per process, started after a seal or 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import time
@@ -26,11 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
-from . import fileset, storage
+from . import fileset, scrub, storage
 from . import schema as schema_mod
-from .storage import CorruptFile, FileIndex, TransientError
+from .faults import CorruptFile, TransientError, limit_hint, transient, warn_once, warn_transient
+from .payloads import Reader
+from .progress import progress_bar
+from .storage import FileIndex
 
 logger = logging.getLogger("cachedata")
 
@@ -60,16 +61,6 @@ class Outcome:
     items: int  # rows in the new file (-1 when a background run was only renamed)
     dropped: int  # rows whose bytes failed their checksum (recomputed on next use)
     bytes_written: int
-
-
-_warned: set[tuple[str, str]] = set()
-
-
-def warn_once(kind: str, folder: Path, message: str, *args: object, level: int = logging.WARNING) -> None:
-    """Log a warning (or ``level``) once per process for each (kind, folder)."""
-    if (kind, str(folder)) not in _warned:
-        _warned.add((kind, str(folder)))
-        logger.log(level, message, *args)
 
 
 def merge_files(target: Target, files: list[fileset.DataFile], *, run: str, progress=None) -> Outcome | None:
@@ -137,58 +128,20 @@ def _winners(loaded: list[tuple[int, FileIndex]]) -> tuple[np.ndarray, np.ndarra
     return keys[first], src[first], rows[first]
 
 
-def _verify(fi: FileIndex, rows: np.ndarray, view: memoryview | None, fd: int) -> np.ndarray:
-    """Mask of ``rows`` whose payload matches its checksum, read in place from ``view``."""
-    ok = np.zeros(len(rows), bool)
-    offsets = np.asarray(fi.offsets[rows], np.int64).tolist()
-    sizes = np.asarray(fi.sizes[rows], np.int64).tolist()
-    sums = np.asarray(fi.checksums[rows], np.uint64).tolist()
-    keys = np.asarray(fi.keys[rows], np.int64).tolist()
-    slot_rows = np.asarray(fi.slots[rows], np.int64)
-    width = 8 * slot_rows.shape[1]
-    blob = slot_rows.astype("<i8", copy=False).tobytes()
-    digest = xxhash.xxh3_64_intdigest
-    limit = fi.data_bytes
-    for i, (off, n, want, key) in enumerate(zip(offsets, sizes, sums, keys)):
-        if off < 0 or n < 0 or off + n > limit:
-            continue
-        if view is not None:
-            buf = view[off : off + n]
-        else:  # no map (network filesystem): read it
-            buf = bytearray(n)
-            if n and os.preadv(fd, [buf], (fi.data_offset or 0) + off) != n:
-                continue
-        seed = key & 0xFFFFFFFFFFFFFFFF
-        if width:
-            seed ^= digest(blob[i * width : (i + 1) * width])
-        ok[i] = digest(buf, seed=seed) == want
-    return ok
-
-
 def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress) -> Outcome:
     """Uncompressed: copy each source's live byte ranges whole and rebase the offsets."""
     keys, src, rows = _winners(loaded)
-    fds: list[int] = []
-    maps: list[mmap.mmap | None] = []
     use_map = not fileset.shared_filesystem(target.folder)
+    readers: list[Reader] = []
     try:
         for _, fi in loaded:
+            readers.append(Reader(fi, map_file=use_map))
             try:
-                fd = os.open(fi.path, os.O_RDONLY | os.O_CLOEXEC)
+                readers[-1].open()
             except FileNotFoundError:
                 raise
             except OSError as exc:
                 raise TransientError(exc.errno, f"{fi.path}: {exc.strerror}") from exc
-            fds.append(fd)
-            mm = None
-            if use_map and fi.data_bytes:
-                try:
-                    mm = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-                except (OSError, ValueError) as exc:
-                    if storage.transient(exc):
-                        raise TransientError(getattr(exc, "errno", 0) or 0, f"{fi.path}: {exc}") from exc
-                    mm = None
-            maps.append(mm)
         new_offsets = np.zeros(len(keys), np.int64)
         keep = np.zeros(len(keys), bool)
         pieces: list[storage.Piece] = []
@@ -198,14 +151,8 @@ def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str,
             if not len(mine):
                 continue
             r = rows[mine]
-            view = None
-            if maps[s] is not None:
-                view = memoryview(maps[s])[fi.data_offset or 0 : (fi.data_offset or 0) + fi.data_bytes]
-            try:
-                good = _verify(fi, r, view, fds[s])
-            finally:
-                if view is not None:
-                    view.release()
+            bad = [row for row, _ in scrub.check_rows(readers[s], fi, r)]
+            good = ~np.isin(r, np.asarray(bad, np.int64))
             if not good.all():
                 warn_once(
                     "corrupt:" + fi.path.name, target.folder,
@@ -230,7 +177,7 @@ def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str,
             new_offsets[mine] = g_dst[group] + (offs - g_start[group])
             base = fi.data_offset or 0
             pieces += [
-                storage.Piece(fds[s], base + int(a), int(d), int(b - a))
+                storage.Piece(readers[s].fd, base + int(a), int(d), int(b - a))
                 for a, b, d in zip(g_start.tolist(), g_end.tolist(), g_dst.tolist())
                 if b > a
             ]
@@ -257,11 +204,8 @@ def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str,
             progress=progress,
         )
     finally:
-        for mm in maps:
-            if mm is not None:
-                mm.close()
-        for fd in fds:
-            os.close(fd)
+        for reader in readers:
+            reader.close()
     return Outcome(run, fi.sources, len(fi.keys), dropped, fi.file_bytes)
 
 
@@ -279,7 +223,7 @@ def _gather(loaded: list[tuple[int, FileIndex]], src: np.ndarray, rows: np.ndarr
 def _merge_decoded(target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress) -> Outcome:
     """Compressed namespaces: payloads go through h5py (decompressed, checked, recompressed)."""
     keys, src, rows = _winners(loaded)
-    readers = [storage.Reader(fi) for _, fi in loaded]
+    readers = [Reader(fi) for _, fi in loaded]
     dropped = [0]
 
     def payloads():
@@ -294,7 +238,7 @@ def _merge_decoded(target: Target, loaded: list[tuple[int, FileIndex]], run: str
                 yield None
                 continue
             except OSError as exc:
-                if storage.transient(exc):
+                if transient(exc):
                     raise TransientError(exc.errno or 0, f"{fi.path}: {exc}") from exc
                 raise
             if storage.checksum(key, buf, fi.slots[r].tolist()) != int(fi.checksums[r]):
@@ -427,7 +371,8 @@ def max_fanin() -> int:
 
 
 class Background:
-    """At most one background merge thread per process and namespace.
+    """The merges one process runs in one namespace: at most one background thread, explicit
+    merges (``merge_now``) and the write stall (``catch_up``).
 
     ``poke()`` is cheap (a clock read) unless CHECK_EVERY seconds have passed; then it lists
     the folder and, when ``fileset.plan`` has work, starts the thread. Dropped on pickling
@@ -482,13 +427,72 @@ class Background:
             warn_once(
                 "transient", target.folder,
                 "cachedata: background merge of %s deferred (%s); nothing is lost. Raise %s",
-                target.folder, exc, storage.limit_hint(exc),
+                target.folder, exc, limit_hint(exc),
             )  # fmt: skip
         except Exception as exc:  # a failed background merge must never reach training
             self.error = exc
             warn_once(
                 "merge", target.folder, "cachedata: background merge of %s failed: %r", target.folder, exc
             )
+
+    def merge_now(self, *, full: bool, wait: float, progress: bool) -> bool:
+        """An explicit merge (``merge()``, the end of ``warm()``, ``cachedata merge``): every
+        new item into one file (``full``: every file into one), then the tiers' own rules.
+
+        Waits up to ``wait`` seconds for a merge in another process; True when a file was
+        written. ``progress``: a bar of the bytes merged, on stderr.
+        """
+        target_of = self._target_of()
+        target = target_of() if target_of is not None else None
+        if target is None:
+            return False
+        self.join()  # this process's own background merge holds the lock
+        total = sum(f.size for f in fileset.list_files(target.folder).files)
+        bar = progress_bar(total, "merging", progress, unit="B")
+        try:
+            done = consolidate(
+                target, explicit=True, everything=full, wait=wait, progress=bar.update if progress else None
+            )
+        except TransientError as exc:
+            warn_transient(target.folder, exc)
+            return False
+        finally:
+            bar.close()
+        if done is None:
+            logger.info("cachedata: another process is merging %s; skipping", target.folder)
+            return False
+        return bool(done)
+
+    def catch_up(self, seconds: float) -> None:
+        """Write stall, for writers that can wait (DataLoader workers, never the training loop).
+
+        A cold pass with little transform cost writes as fast as the disk allows, and tiered
+        merges must rewrite each byte a few times: the merges fall behind and files pile up
+        for every later reader. When the folder was overdue (``fileset.overdue``) at the last
+        look, merge here (or wait while another process does) until it is not, for at most
+        ``seconds``, so that writing slows to what the disk can also consolidate.
+        """
+        target_of = self._target_of()
+        target = target_of() if target_of is not None else None
+        if not self.overdue or target is None:
+            return
+        deadline = time.monotonic() + seconds
+        try:
+            while fileset.overdue(fileset.list_files(target.folder)):
+                if time.monotonic() >= deadline:
+                    return
+                warn_once(
+                    "stall", target.folder,
+                    "cachedata: merges of %s lag behind writers (a disk-bound pass); DataLoader "
+                    "workers merge before writing on, so that files stay few",
+                    target.folder, level=logging.INFO,
+                )  # fmt: skip
+                self.join()  # this process's own merge holds the lock: let it finish
+                if consolidate(target, explicit=False, everything=False, wait=0.0) is None:
+                    time.sleep(0.05)  # another process is merging
+        except (TransientError, fileset.ListingError) as exc:
+            warn_transient(target.folder, exc)  # out of descriptors and the like: write on, merge later
+        self.overdue = False
 
     def join(self, timeout: float | None = None) -> None:
         t = self._thread

@@ -5,21 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
-from . import buffers, origin
-from . import schema as schema_mod
+from . import origin
+from .addressing import Addresses
 from .budget import explicit_limit
+from .compute import Compute
 from .distributed import current_rank, world_size
-from .namespace import Identity, ReadOnly, Store
+from .namespace import ReadOnly, Store
 from .paths import default_cache_dir
-from .randomness import RandomGuard
+from .shards import Identity
 from .stats import CacheStats, Counters
 from .tracker import Tracker
 
@@ -92,13 +92,12 @@ class CachedDataset(Dataset):
         self.version = version
         self.compression = compression
         self.allow_random = bool(allow_random)
-        self._base, self._indices = origin.unwrap(dataset)
-        self._len = len(dataset)
-        self._base_len = len(self._base)
+        base, indices = origin.unwrap(dataset)
+        self._addresses = Addresses(len(dataset), indices, key=key, base_length=len(base))
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
         dataset_fp, dataset_tree = origin.fingerprint_part(
-            self._base, "dataset", fallback=version is not None or key is not None
+            base, "dataset", fallback=version is not None or key is not None
         )
         transform_fp, transform_tree = origin.fingerprint_part(
             transform, "transform", fallback=version is not None
@@ -109,12 +108,11 @@ class CachedDataset(Dataset):
         self.path: Path = self.cache_dir / self.fingerprint
         self._store = Store(self.path, self.fingerprint, compression=compression)
         self._counters = Counters()
+        self._compute = Compute(base, transform, allow_random=self.allow_random, counters=self._counters)
         self._rank = current_rank()
         self._main_pid = os.getpid()
-        self._all_keys: np.ndarray | None = None
-        self._random_guard = RandomGuard()
         meta = self._meta_record = origin.meta_record(
-            self.fingerprint, base=self._base, transform=transform, version=version,
+            self.fingerprint, base=base, transform=transform, version=version,
             custom_key=key is not None, dataset_fp=dataset_fp, transform_fp=transform_fp,
             tree={**dataset_tree, **transform_tree},
         )  # fmt: skip
@@ -141,28 +139,20 @@ class CachedDataset(Dataset):
             self._store.poke()
             if os.getpid() == self._main_pid:
                 self._budget.housekeeping(self._store)  # refresh the lease (rate-limited)
-        return self._len
+        return self._addresses.length
 
     def __getitem__(self, index: int) -> Any:
-        store = self._store
-        # Fast path for the common hit: plain int index, default keys, nothing unusual.
-        if type(index) is int and self.key is None and store.index is not None and store.pid == os.getpid():
-            n = self._len
+        addr = self._addresses
+        # Fast path for the common hit: plain int index, default keys, files already loaded.
+        if type(index) is int and addr.key is None:
+            n = addr.length
             i = index + n if index < 0 else index
             if 0 <= i < n:
-                key = int(self._indices[i]) if self._indices is not None else i
                 t0 = time.perf_counter()
-                got = store.get_one(key)
+                got = self._store.get_one(int(addr.indices[i]) if addr.indices is not None else i)
                 if got is not None:
-                    try:
-                        item = store.decoder.decode(got[0], 0, got[1])
-                    except (ValueError, RuntimeError) as exc:
-                        store.bad_item(None, key, exc)
-                    else:
-                        self._counters.add(hits=1, bytes_read=len(got[0]),
-                                       read_seconds=time.perf_counter() - t0)  # fmt: skip
-                        store.touch()
-                        return self.post_transform(item) if self.post_transform is not None else item
+                    self._counters.add(hits=1, bytes_read=got[1], read_seconds=time.perf_counter() - t0)
+                    return self.post_transform(got[0]) if self.post_transform is not None else got[0]
         return self._get([index], single=True)[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
@@ -183,13 +173,8 @@ class CachedDataset(Dataset):
 
     def is_cached(self, index: int) -> bool:
         """True when item ``index`` would be served without computing it."""
-        key = self._key_of(self._base_index(index))
-        store = self._store
-        store.check_pid()
-        if store.buffered(key) is not None or store.find(key) is not None:
-            return True
-        store.refresh()
-        return store.find(key) is not None
+        addr = self._addresses
+        return self._store.has(addr.key_of(addr.base_index(index)))
 
     def flush(self) -> None:
         """Seal this process's buffered writes so that other processes can read them.
@@ -237,7 +222,6 @@ class CachedDataset(Dataset):
         """Delete this namespace from disk (every process's view of it becomes empty)."""
         self._store.destroy()
         self._budget.cleared()  # the lease went with the folder
-        self._all_keys = None
         try:
             self._store.create(self._meta_record)  # what produced the namespace stays on record
         except ReadOnly as exc:
@@ -261,7 +245,7 @@ class CachedDataset(Dataset):
         if self._budget.stopped():
             budget = f", writes stopped: over the disk budget of {self._budget.limit}"
         return (
-            f"CachedDataset({type(self.dataset).__name__}, len={self._len}, path={str(self.path)!r}, "
+            f"CachedDataset({type(self.dataset).__name__}, len={len(self.dataset)}, path={str(self.path)!r}, "
             f"transform={self.transform!r}{budget})"
         )
 
@@ -269,12 +253,11 @@ class CachedDataset(Dataset):
         return self.fingerprint
 
     def __getstate__(self) -> dict:
-        if os.getpid() == self._main_pid and self._store.pending:
+        if os.getpid() == self._main_pid and self._store.unsealed[0]:
             # Spawned workers start from disk: seal what this process computed so far.
             self.flush()
         state = self.__dict__.copy()
         state["_rank"] = current_rank(default=self._rank)  # workers cannot ask torch.distributed
-        state["_all_keys"] = None
         return state
 
     # -- internals ----------------------------------------------------------------------------
@@ -285,191 +268,41 @@ class CachedDataset(Dataset):
             self._rank = current_rank(default=self._rank)
         return Identity(self._rank, None if info is None else info.id, os.getpid())
 
-    def _base_index(self, index: int) -> int:
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
-                index = int(index)
-            else:
-                raise TypeError(
-                    f"CachedDataset indices must be integers, got {type(index).__name__} {index!r}"
-                )
-        i = int(index)
-        n = self._len
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"CachedDataset index {index} out of range for length {n}")
-        return int(self._indices[i]) if self._indices is not None else i
-
-    def _base_indices(self, indices: Sequence[int]) -> list[int]:
-        """Vectorized ``_base_index`` for the common case of a list of in-range ints."""
-        if type(indices) is list and len(indices) > 16 and all(type(i) is int for i in indices):
-            arr = np.asarray(indices, np.int64) if indices else np.empty(0, np.int64)
-            n = self._len
-            if len(arr) and (arr.min() < -n or arr.max() >= n):
-                bad = next(i for i in indices if not -n <= i < n)
-                raise IndexError(f"CachedDataset index {bad} out of range for length {n}")
-            arr = np.where(arr < 0, arr + n, arr)
-            if self._indices is not None:
-                arr = self._indices[arr]
-            return arr.tolist()
-        return [self._base_index(i) for i in indices]
-
-    def _key_of(self, base_index: int) -> int:
-        if self.key is None:
-            return base_index
-        return _key_to_int(self.key(base_index), base_index)
-
     def _get(self, indices: Sequence[int], *, single: bool, post: bool = True) -> list[Any]:
+        """Items at ``indices``: read what is stored, compute and store the rest."""
         store = self._store
-        store.check_pid()
-        base = self._base_indices(indices)
-        keys = base if self.key is None else [self._key_of(b) for b in base]
-        out: list[Any] = [None] * len(keys)
-        todo = list(range(len(keys)))  # positions still missing
+        addr = self._addresses
+        base = addr.base_indices(indices)
+        keys = addr.keys_of(base)
         t0 = time.perf_counter()
-        nbytes = 0
-        if store.index is None:
-            store.refresh()
-        for attempt in range(3):
-            # Later attempts: only after loading files that other processes sealed (or
-            # merged) meanwhile.
-            if attempt and not store.refresh():
-                break
-            decode = store.decoder.decode if store.decoder is not None else None
-            got = store.get_many([keys[p] for p in todo])
-            missing = []
-            for p, g in zip(todo, got):
-                if g is not None:
-                    try:
-                        out[p] = decode(g[0], 0, g[1])
-                    except (ValueError, RuntimeError) as exc:  # shapes that do not fit the bytes
-                        store.bad_item(None, keys[p], exc)
-                        missing.append(p)
-                        continue
-                    nbytes += len(g[0])
-                elif (enc := store.buffered(keys[p])) is not None:
-                    out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
-                    nbytes += len(enc.payload)
-                else:
-                    missing.append(p)
-            todo = missing
-            if not todo:
-                break
-        hits = len(keys) - len(todo)
-        t1 = time.perf_counter()
-        self._counters.add(hits=hits, bytes_read=nbytes, read_seconds=t1 - t0)
+        out, todo, nbytes = store.get_many(keys)
+        self._counters.add(
+            hits=len(keys) - len(todo), bytes_read=nbytes, read_seconds=time.perf_counter() - t0
+        )
         if todo:
-            self._compute_into(out, todo, base, keys, indices)  # counts each miss as it is computed
-        if todo or store.pending:
-            self._after_writes(single=single)
-        if hits:
-            store.touch()
+            values = self._compute.run([base[p] for p in todo], [indices[p] for p in todo])
+            ident = self._identity()
+            for p, v in zip(todo, values):
+                out[p] = store.put(keys[p], v, ident, where=indices[p])
+        if todo or store.unsealed[0]:
+            in_worker = get_worker_info() is not None
+            if store.seal_due(batched=not single, worker=in_worker, distributed=world_size() > 1):
+                self.flush()
         if post and self.post_transform is not None:
             out = [self.post_transform(x) for x in out]
         return out
-
-    def _compute_into(
-        self, out: list[Any], todo: list[int], base: list[int], keys: list[int], indices: Sequence[int]
-    ) -> None:
-        """Compute missing items, buffer them for writing, and put fresh copies into ``out``.
-
-        Each miss is counted as soon as it is computed, not at the end of the batch: a
-        DataLoader worker shut down (or killed) mid-batch, say after a StatefulDataLoader's
-        ``state_dict()``, has then counted every transform call it made.
-        """
-        store = self._store
-        counters = self._counters
-        batch = getattr(self.transform, "batch", None)
-        if self.transform is not None and callable(batch):
-            t = time.perf_counter()
-            values = [self._compute_one(base[p], indices[p]) for p in todo]
-            values = self._checked(lambda: batch(values), "transform.batch", indices[todo[0]])
-            if not isinstance(values, list) or len(values) != len(todo):
-                raise TypeError(
-                    f"transform.batch must return a list of {len(todo)} items, got {type(values).__name__}"
-                )
-            counters.add(misses=len(todo), compute_seconds=time.perf_counter() - t)
-        else:
-            values = []
-            for p in todo:
-                t = time.perf_counter()
-                v = self._compute_one(base[p], indices[p])
-                if self.transform is not None:
-                    v = self._checked(lambda v=v: self.transform(v), "transform", indices[p])
-                counters.add(misses=1, compute_seconds=time.perf_counter() - t)
-                values.append(v)
-        ident = self._identity()
-        for p, v in zip(todo, values):
-            try:
-                enc = schema_mod.encode(v)
-            except schema_mod.Unstorable as exc:
-                raise TypeError(f"item {indices[p]} {exc}") from None
-            diff = store.check_schema(enc)
-            if diff:
-                raise ValueError(
-                    f"item {indices[p]} {diff}; every item of a namespace must have the same structure "
-                    "and dtypes (items already cached are kept)"
-                )
-            store.put(keys[p], enc, ident)
-            out[p] = store.decoder.decode(buffers.copy(enc.payload), 0, enc.slots)
-
-    def _compute_one(self, base_index: int, index: int) -> Any:
-        return self._checked(lambda: self._base[base_index], "dataset[i]", index)
-
-    def _checked(self, fn: Callable[[], Any], what: str, index: int) -> Any:
-        """Run ``fn``; on the first misses, fail if it drew from a global random generator."""
-        return fn() if self.allow_random else self._random_guard.run(fn, what, index)
-
-    def _after_writes(self, *, single: bool) -> None:
-        store = self._store
-        in_worker = get_worker_info() is not None
-        # A worker seals every batch: another worker may be asked for these items in the next
-        # epoch (persistent workers never exit between epochs). So does a rank's main process
-        # reading without workers: the next epoch's sampler gives its items to other ranks.
-        # While merges lag behind (a cold pass writing faster than the disk can rewrite), it
-        # seals by size and time instead (at most a second later), so files stay few.
-        every_batch = not single and (in_worker or world_size() > 1) and not store.backlogged()
-        if every_batch or store.should_seal(worker=in_worker):
-            self.flush()
-            if in_worker:
-                store.keep_up()  # a worker may wait for merges; the training loop never does
 
     def _count_writes(self, n: int, nbytes: int) -> None:
         if n:
             self._counters.add(writes=n, bytes_written=nbytes)
 
-    def _complete(self) -> bool:
-        """Every item of the base dataset is on disk (reads every key: construction only)."""
-        if self._all_keys is None:
-            n = self._base_len
-            self._all_keys = (
-                np.arange(n, dtype=np.int64)
-                if self.key is None
-                else np.asarray([self._key_of(i) for i in range(n)], np.int64)
-            )
-        return bool(self._store.contains(self._all_keys).all())
-
     def _read_only(self, exc: BaseException) -> None:
-        self._store.writable = False
         store = self._store
+        store.stop_writes()
         store.refresh()
-        complete = self._complete()
-        if not complete:
+        if not store.contains(self._addresses.base_keys()).all():  # reads every key: construction only
             logger.warning(
                 "cachedata: %s is not writable (%s); missing items are computed but not stored",
                 self.path,
                 exc,
             )
-
-
-def _key_to_int(k: Hashable, base_index: int) -> int:
-    """Map a user key to int64: ints as themselves, str (and big ints) through xxh3-64."""
-    import xxhash
-
-    if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and -(2**63) <= int(k) < 2**63:
-        return int(k)
-    if isinstance(k, (str, int, np.integer)) and not isinstance(k, bool):
-        h = xxhash.xxh3_64_intdigest(f"{type(k).__name__}:{k}".encode("utf-8", "surrogatepass"))
-        return h - (1 << 64) if h >= 1 << 63 else h
-    raise TypeError(f"key({base_index}) returned {type(k).__name__} {k!r}; key= must return a str or an int")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .storage import FileIndex, Reader
+from .payloads import Reader
+from .storage import FileIndex
 
 
 @dataclass(eq=False)
@@ -64,7 +65,7 @@ class Index:
 
     def __init__(self, *, nslots: int, map_files: bool = False) -> None:
         self.nslots = nslots
-        self.map_files = map_files  # memory-map uncompressed payloads (see storage.Reader)
+        self.map_files = map_files  # memory-map uncompressed payloads (see payloads.Reader)
         self.segments: list[Segment] = []  # largest first: most keys resolve in one probe
         self.by_name: dict[str, Segment] = {}
         self._bad: dict[int, set[int]] = {}  # id(segment) -> keys whose bytes failed a check

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import fileset
+from . import faults, fileset
 from .fingerprint import diff_trees
 
 logger = logging.getLogger("cachedata")
@@ -42,8 +42,6 @@ META = "meta.json"
 SCHEMA = "schema.json"
 #: Keys a complete meta.json has (written by CachedDataset); others were recovered or damaged.
 _META_KEYS = ("cachedata_format", "fingerprint", "dataset", "transform", "tree", "versions")
-
-_warned: set[tuple[str, str]] = set()  # (folder, file name): one warning per process
 
 
 @dataclass(frozen=True)
@@ -149,15 +147,6 @@ def create_once(path: Path, text: str) -> bool:
     return True
 
 
-def _warn_once(folder: Path, name: str, message: str, *args: Any) -> None:
-    key = (str(folder), name)
-    if key in _warned:
-        logger.info(message, *args)
-        return
-    _warned.add(key)
-    logger.warning(message, *args)
-
-
 def ensure_meta(folder: Path, meta: dict) -> Repair | None:
     """Write ``meta`` as the folder's meta.json unless a complete one is there.
 
@@ -174,8 +163,13 @@ def ensure_meta(folder: Path, meta: dict) -> Repair | None:
     if problem is None:
         return None
     write_atomic(path, text)
-    _warn_once(
-        folder, META, "cachedata: %s was %s; rewritten from this CachedDataset's record", path, problem
+    faults.warn_once(
+        META,
+        folder,
+        "cachedata: %s was %s; rewritten from this CachedDataset's record",
+        path,
+        problem,
+        repeat=logging.INFO,
     )
     return Repair(str(path), problem, "rewritten from the CachedDataset's record")
 
@@ -200,7 +194,9 @@ def recover_meta(folder: Path) -> Repair | None:
         "recovered": f"meta.json was {problem}",
     }
     write_atomic(path, json.dumps(record, indent=1, sort_keys=True))
-    _warn_once(folder, META, "cachedata: %s was %s; wrote a minimal record", path, problem)
+    faults.warn_once(
+        META, folder, "cachedata: %s was %s; wrote a minimal record", path, problem, repeat=logging.INFO
+    )
     return Repair(str(path), problem, "replaced by a minimal record (completed by the next CachedDataset)")
 
 
@@ -289,7 +285,7 @@ def load_schema(folder: Path, namespace: str) -> tuple[str | None, Repair | None
     except OSError:
         pass  # read-only: this process keeps its schema in memory
     action = "removed (no readable data file to recover from; the next stored item fixes it)"
-    _warn_once(folder, SCHEMA, "cachedata: %s was %s; %s", path, problem, action)
+    faults.warn_once(SCHEMA, folder, "cachedata: %s was %s; %s", path, problem, action, repeat=logging.INFO)
     return None, Repair(str(path), str(problem), action)
 
 
@@ -299,7 +295,7 @@ def _repair_schema(folder: Path, text: str, problem: str, action: str) -> Repair
         write_atomic(path, text)
     except OSError as exc:
         action = f"recovered in memory (cannot rewrite it: {exc.strerror or exc})"
-    _warn_once(folder, SCHEMA, "cachedata: %s was %s; %s", path, problem, action)
+    faults.warn_once(SCHEMA, folder, "cachedata: %s was %s; %s", path, problem, action, repeat=logging.INFO)
     return Repair(str(path), problem, action)
 
 

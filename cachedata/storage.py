@@ -22,16 +22,13 @@ live byte ranges whole (``copy_file_range``) and only rebases the offsets.
 index row that points at another item's bytes, or carries a flipped shape, fails the check.
 Files are written under a temporary name in the same folder and renamed into place once
 complete, so readers never see a torn file; a sealed file is never modified again.
-Uncompressed payloads are read at the dataset's file offset: copied out of a read-only memory
-map on local filesystems, with ``os.preadv`` on network ones. No HDF5 call and no lock on the
-hot path.
+Reading payloads is ``cachedata.payloads``; what a failure means is ``cachedata.faults``.
 """
 
 from __future__ import annotations
 
 import errno
 import json
-import mmap
 import os
 import struct
 import threading
@@ -45,6 +42,7 @@ import numpy as np
 import xxhash
 
 from . import fileset
+from .faults import CorruptFile, TransientError, transient
 
 #: The on-disk format. It is part of every namespace fingerprint, so a cache written in
 #: another format is never read: it is a different namespace (``cachedata info`` names it).
@@ -87,55 +85,18 @@ def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[
     return xxhash.xxh3_64_intdigest(payload, seed=seed)
 
 
-class CorruptFile(Exception):
-    """A cache file that cannot be trusted (malformed, inconsistent, or tampered with)."""
+def seeds(keys: Sequence[int], slot_rows: np.ndarray) -> list[int]:
+    """``checksum``'s seed for many rows at once (``checksum(k, p, s) == xxh3(p, seed)``).
 
-
-class TransientError(OSError):
-    """An environmental failure (too many open files, no memory, a transient I/O error).
-
-    Never a sign of corruption: the file is kept and the work is retried or deferred.
+    The slots of all rows are packed once, so a loop over a batch hashes each row's slots
+    without building a struct per row: this runs on every hit and in every merge.
     """
-
-
-def transient(exc: BaseException) -> bool:
-    """True when ``exc`` is a resource or transient I/O error rather than a bad file.
-
-    h5py reports a failed open as an OSError whose message carries the errno, so both the
-    attribute and the text are checked.
-    """
-    if isinstance(exc, (TransientError, fileset.ListingError)):
-        return True
-    if isinstance(exc, MemoryError):
-        return True
-    if isinstance(exc, OSError):
-        if exc.errno in fileset.TRANSIENT_ERRNOS:
-            return True
-        text = str(exc)
-        return any(f"errno = {e}," in text for e in fileset.TRANSIENT_ERRNOS) or "Too many open files" in text
-    return False
-
-
-def limit_hint(exc: BaseException) -> str:
-    """Which limit to raise for a transient error, in words."""
-    text = str(exc)
-    if "open files" in text or getattr(exc, "errno", None) in (errno.EMFILE, errno.ENFILE):
-        try:
-            import resource
-
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
-            if target <= soft:
-                return (
-                    f"the open-files limit (now {soft}; raise it with `ulimit -n 65536` after raising "
-                    f"the hard limit, also {hard}, in /etc/security/limits.conf or your job scheduler)"
-                )
-            return f"the open-files limit (now {soft}; raise it with `ulimit -n {target}`)"
-        except (ImportError, OSError, ValueError):
-            return "the open-files limit (`ulimit -n`)"
-    if isinstance(exc, MemoryError) or getattr(exc, "errno", None) == errno.ENOMEM:
-        return "the memory available to this process"
-    return "nothing: a transient I/O error; the work is retried later"
+    width = 8 * slot_rows.shape[1]
+    if not width:
+        return [k & 0xFFFFFFFFFFFFFFFF for k in keys]
+    blob = np.ascontiguousarray(slot_rows, "<i8").tobytes()
+    digest = xxhash.xxh3_64_intdigest
+    return [(k & 0xFFFFFFFFFFFFFFFF) ^ digest(blob[i * width : (i + 1) * width]) for i, k in enumerate(keys)]
 
 
 @dataclass(frozen=True)
@@ -563,116 +524,3 @@ def _text(value: object) -> str | None:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return value if isinstance(value, str) else None
-
-
-class Reader:
-    """Reads payload bytes of one file, opened lazily in the process that uses it.
-
-    Uncompressed files are memory-mapped read-only (``view``) and payloads are copied out of
-    the map: for a 190 KB payload already mapped, the copy took 18-22 us against 39-71 us for
-    ``preadv`` into the same buffer (the kernel copies page by page), at the cost of the file's
-    pages counting in RSS (shared, reclaimable page cache, as with any memory map). Files on network
-    filesystems are read with ``os.preadv`` instead (``map_file=False``): a map of a file that
-    another node deletes can fault, where a read returns ESTALE. Compressed files go through
-    h5py. All are reopened when the process id changes (after a fork).
-    """
-
-    __slots__ = (
-        "_dset", "_h5", "_mm", "compressed", "data_offset", "fd", "map_error", "map_file", "path", "pid", "view",
-    )  # fmt: skip
-
-    def __init__(self, fi: FileIndex, *, map_file: bool = False) -> None:
-        self.path = fi.path
-        self.data_offset = fi.data_offset or 0
-        self.compressed = fi.compressed
-        self.map_file = map_file
-        self.pid = -1
-        self.fd = -1
-        self.map_error: BaseException | None = None  # why the last open could not map the file
-        self.view: memoryview | None = None  # the payload bytes (from /data's offset on), mapped
-        self._mm: mmap.mmap | None = None
-        self._h5: h5py.File | None = None
-        self._dset: h5py.Dataset | None = None
-
-    def open(self) -> None:
-        """(Re)open in this process (the hot path checks ``pid`` once per batch itself).
-
-        Raises OSError (ENOENT when merged away, EMFILE when out of descriptors, ...).
-        """
-        self.fd = -1
-        self.map_error = None
-        self.view = self._mm = None  # a fork parent's map: dropping it unmaps only this copy
-        self._h5 = self._dset = None
-        if self.compressed:
-            with H5_LOCK:
-                self._h5 = h5py.File(self.path, "r", locking=False)
-                self._dset = self._h5["data"]
-        else:
-            self.fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-            if self.map_file and os.fstat(self.fd).st_size > self.data_offset:
-                try:
-                    self._mm = mmap.mmap(self.fd, 0, prot=mmap.PROT_READ)
-                except (OSError, ValueError) as exc:
-                    # A filesystem without mmap, or out of descriptors (a map keeps a duplicate)
-                    # or address space: preadv still works.
-                    self._mm = None
-                    self.map_error = exc
-                else:
-                    self.view = memoryview(self._mm)[self.data_offset :]
-        self.pid = os.getpid()
-
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` with payload bytes starting at ``offset`` (relative to /data)."""
-        if self.pid != os.getpid():
-            self.open()
-        n = buf.nbytes
-        if not n:
-            return
-        if self._dset is not None:
-            with H5_LOCK:
-                buf[:] = self._dset[offset : offset + n].data
-            return
-        if self.view is not None:
-            src = self.view[offset : offset + n]
-            got = src.nbytes
-            if got == n:
-                buf[:] = src
-                return
-        else:
-            got = os.preadv(self.fd, [buf], self.data_offset + offset)
-        if got != n:
-            raise CorruptFile(f"{self.path}: short read ({got} of {n} bytes at {offset})")
-
-    def span(self, offset: int, n: int) -> memoryview:
-        """``n`` payload bytes from ``offset`` (relative to /data), for scans rather than hits:
-        a read-only slice of the map when the file is mapped (no copy; release it before
-        ``close``), else a fresh buffer read from the file."""
-        if self.pid != os.getpid():
-            self.open()
-        if self.view is not None:
-            got = self.view[offset : offset + n]
-            if got.nbytes != n:
-                raise CorruptFile(f"{self.path}: short read ({got.nbytes} of {n} bytes at {offset})")
-            return got
-        buf = bytearray(n)
-        self.read_into(memoryview(buf), offset)
-        return memoryview(buf)
-
-    def close(self) -> None:
-        """Close what this process opened; a forked child only forgets its parent's handles."""
-        if self.pid == os.getpid():
-            if self.view is not None:
-                try:
-                    self.view.release()
-                    self._mm.close()
-                except BufferError:
-                    pass  # a payload slice is still alive: the map goes when it does
-            if self.fd >= 0:
-                os.close(self.fd)
-            if self._h5 is not None:
-                with H5_LOCK:
-                    self._h5.close()
-        self.fd = -1
-        self.view = self._mm = None
-        self._h5 = self._dset = None
-        self.pid = -1

@@ -133,20 +133,19 @@ class Tracker:
         """Before this process seals its buffer (``flush()``, also before a merge): False (and
         writes stopped) when it would not fit. The main process refreshes its lease here too."""
         self.housekeeping(store)
-        if not store.writable or not store.buffer.items:
+        if not store.writable or not store.unsealed[0]:
             return True  # nothing to seal: Store.seal does nothing
         if self.message is None and self.lease.stopped_file.exists():
             # Another process of this run stopped already (and warned): follow it quietly.
             self.message = "stopped by another process of this run"
-            store.writable = False
-            store.buffer.clear()
+            store.stop_writes()
             return False
         if not self.path.is_dir():  # removed by another process: make it again before writing
             if os.getpid() == self.lease.owner:
                 self._reopen(store)
             else:
                 self.recreate(store)
-        room = shard_bytes(len(store.buffer.items), store.buffer.nbytes)
+        room = shard_bytes(*store.unsealed)
         if self.check(room=room):
             return True
         self.stop(store, room=room)
@@ -179,8 +178,7 @@ class Tracker:
         if first:
             store.disable_writes(BudgetExceeded(self.message))
         else:
-            store.writable = False
-            store.buffer.clear()
+            store.stop_writes()
 
     def recreate(self, store: Store) -> None:
         """The namespace folder was removed by another process: create it again (meta.json,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .namespace import progress_bar
+from .progress import progress_bar
 
 if TYPE_CHECKING:
     from .dataset import CachedDataset
@@ -22,7 +22,7 @@ class _Filler(Dataset):
         self.ds = ds
 
     def __len__(self) -> int:
-        return len(self.ds._indices) if self.ds._indices is not None else self.ds._len
+        return self.ds._addresses.length
 
     def __getitem__(self, index: int) -> int:
         return len(self.__getitems__([index]))
@@ -40,12 +40,9 @@ def missing_positions(ds: CachedDataset) -> np.ndarray:
     """Positions ``i`` (in ``0..len(ds)-1``) whose item is not cached yet."""
     store = ds._store
     store.refresh()
-    positions = np.arange(ds._len, dtype=np.int64)
-    base = ds._indices if ds._indices is not None else positions
-    keys = base if ds.key is None else np.asarray([ds._key_of(int(b)) for b in base], np.int64)
+    keys = ds._addresses.position_keys()
+    positions = np.arange(len(keys), dtype=np.int64)
     have = store.contains(keys)
-    if store.pending:
-        have |= np.isin(keys, np.fromiter(store.pending.keys(), np.int64, len(store.pending)))
     # One position per key: folds of a Subset may repeat a base index.
     _, first = np.unique(keys[~have], return_index=True)
     return np.sort(positions[~have][first])

@@ -19,7 +19,6 @@ from helpers import ListDataset, LogCalls, Ragged, add_one, assert_same, count_c
 from torch.utils.data import DataLoader, Subset, SubsetRandomSampler
 
 from cachedata import CachedDataset, compaction, fileset, namespace, storage
-from cachedata import schema as schema_mod
 
 HERE = os.path.dirname(__file__)
 pytestmark = pytest.mark.timeout(300)
@@ -281,7 +280,7 @@ def test_explicit_merge_drops_duplicates_and_leaves_disjoint_files_alone(tmp_pat
     assert len(second) == 1  # new items went into a file of their own: the first was not rewritten
     # Another job computed items 41 and 42 at the same time: they reach this merge's pile.
     for k in (41, 42):
-        ds._store.put(k, schema_mod.encode(add_one(Ragged(n)[k])), ds._identity())
+        ds._store.put(k, add_one(Ragged(n)[k]), ds._identity(), where=k)
     ds.__getitems__(list(range(80, 90)))
     assert ds.merge()
     files = data_files(ds.path)

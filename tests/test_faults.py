@@ -101,7 +101,7 @@ def test_bytes_changed_or_cut_under_an_open_reader_are_caught(tmp_path, monkeypa
     reader = CachedDataset(Ragged(12), tmp_path, transform=add_one)
     for i in range(12):
         assert_same(reader[i], want[i])
-    (opened,) = [seg.reader for seg in reader._store.index.segments]
+    (opened,) = [seg.reader for seg in reader._store.view.index.segments]
     assert (opened.view is not None) == (shared_fs == "0"), "local files are mapped, shared ones are not"
     at, size = _payload_at(merged, 5)
     with open(merged, "r+b") as fh:  # in place: a map of the file sees it at once

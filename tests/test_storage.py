@@ -16,8 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachedata import fileset, storage
+from cachedata.faults import CorruptFile, TransientError, transient
 from cachedata.index import Index
-from cachedata.storage import CorruptFile, TransientError, read_index, write_file
+from cachedata.payloads import Reader
+from cachedata.storage import read_index, write_file
 
 
 def _write(path, keys, *, nslots=1, compression=None, durable=True):
@@ -42,7 +44,7 @@ def test_round_trip(tmp_path_factory, keys, compression):
     written, payloads = _write(folder / "f.h5", keys, compression=compression)
     fi = read_index(folder / "f.h5", namespace="ns")
     assert fi.keys.tolist() == keys == written.keys.tolist()
-    reader = storage.Reader(fi, map_file=True)
+    reader = Reader(fi, map_file=True)
     for r, k in enumerate(keys):
         buf = bytearray(int(fi.sizes[r]))
         reader.read_into(memoryview(buf), int(fi.offsets[r]))
@@ -137,6 +139,7 @@ def test_too_many_open_files_is_transient(tmp_path):
         f"""
         import resource, pathlib
         from cachedata import fileset, storage
+        from cachedata.faults import CorruptFile, TransientError, limit_hint
         fds = []
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         try:
@@ -146,16 +149,16 @@ def test_too_many_open_files_is_transient(tmp_path):
             pass
         try:
             storage.read_index(pathlib.Path({str(tmp_path / "f.h5")!r}), namespace="ns")
-        except storage.TransientError as exc:
-            print("transient", storage.limit_hint(exc))
-        except storage.CorruptFile as exc:
+        except TransientError as exc:
+            print("transient", limit_hint(exc))
+        except CorruptFile as exc:
             print("corrupt", exc)
         """
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.startswith("transient the open-files limit"), out.stdout + out.stderr
-    assert storage.transient(OSError(errno.EMFILE, "Too many open files"))
-    assert not storage.transient(OSError(errno.EACCES, "denied"))
+    assert transient(OSError(errno.EMFILE, "Too many open files"))
+    assert not transient(OSError(errno.EACCES, "denied"))
 
 
 def test_large_index_columns_are_memory_mapped(tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def test_workers_see_items_the_main_process_computed_but_did_not_seal(tmp_path, 
     log = tmp_path / "calls.log"
     ds = CachedDataset(Ragged(N), tmp_path / "cache", transform=LogCalls(log))
     _epoch(DataLoader(ds, batch_size=6, num_workers=0, collate_fn=identity_batch))
-    assert count_calls(log) == N and ds._store.pending  # buffered in the main process only
+    assert count_calls(log) == N and ds._store.unsealed[0]  # buffered in the main process only
     loader = DataLoader(
         ds, batch_size=6, num_workers=2, collate_fn=identity_batch, multiprocessing_context=start_method
     )

@@ -395,21 +395,24 @@ class Background:
         """Start a background merge when one is due; True when a thread is running."""
         if self._pid != os.getpid():
             self._thread, self._next, self._pid = None, 0.0, os.getpid()
-        if self._thread is not None and self._thread.is_alive():
-            return True
+        running = self._thread is not None and self._thread.is_alive()
         now = time.monotonic()
         if not force and now < self._next:
-            return False
+            return running
         self._next = now + CHECK_EVERY
         target_of = self._target_of()
         target = target_of() if target_of is not None else None
         if target is None:
-            return False
+            return running
         try:
             listing = fileset.list_files(target.folder)
         except fileset.ListingError:
-            return False  # out of descriptors or the like: try again at the next poke
+            return running  # out of descriptors or the like: try again at the next poke
+        # Looked at while this process's own merge runs too: a writer that wrote on meanwhile
+        # would pile shards up unseen by the write stall (``catch_up`` joins that merge).
         self.overdue = fileset.overdue(listing)
+        if running:
+            return True
         if not fileset.plan(listing) or fileset.locked(target.folder):
             return False
         self._thread = threading.Thread(

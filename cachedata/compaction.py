@@ -319,7 +319,7 @@ def consolidate(
                     outcome.run,
                 )
             if not partial:
-                explicit = everything = False  # from here on, only the tiers' own rules
+                explicit = everything = False  # from here on, only the background rules
     finally:
         fileset.release(folder)
 
@@ -330,9 +330,10 @@ def overlapping(
     """Older merged files holding any key of ``pile`` (the new items of an explicit merge).
 
     Two jobs that computed the same items at once leave them in two files; merging such a
-    file in drops the duplicates. A file whose keys are all elsewhere is left to the tiers,
-    so adding new items never rewrites the big old files. Keys are sorted in every file:
-    a pile's keys are looked up in each file's memory-mapped key column (no full read).
+    file in drops the duplicates. A file whose keys are all elsewhere is left to the runs'
+    budget (``fileset.fold``), so adding new items never rewrites the big old files. Keys
+    are sorted in every file: a pile's keys are looked up in each file's memory-mapped key
+    column (no full read).
     """
     names = {f.name for f in pile}
     older = [r for r in listing.runs if not r.is_background_run and r.name not in names]
@@ -395,21 +396,24 @@ class Background:
         """Start a background merge when one is due; True when a thread is running."""
         if self._pid != os.getpid():
             self._thread, self._next, self._pid = None, 0.0, os.getpid()
-        if self._thread is not None and self._thread.is_alive():
-            return True
+        running = self._thread is not None and self._thread.is_alive()
         now = time.monotonic()
         if not force and now < self._next:
-            return False
+            return running
         self._next = now + CHECK_EVERY
         target_of = self._target_of()
         target = target_of() if target_of is not None else None
         if target is None:
-            return False
+            return running
         try:
             listing = fileset.list_files(target.folder)
         except fileset.ListingError:
-            return False  # out of descriptors or the like: try again at the next poke
+            return running  # out of descriptors or the like: try again at the next poke
+        # Looked at while this process's own merge runs too: a writer that wrote on meanwhile
+        # would pile shards up unseen by the write stall (``catch_up`` joins that merge).
         self.overdue = fileset.overdue(listing)
+        if running:
+            return True
         if not fileset.plan(listing) or fileset.locked(target.folder):
             return False
         self._thread = threading.Thread(
@@ -437,7 +441,7 @@ class Background:
 
     def merge_now(self, *, full: bool, wait: float, progress: bool) -> bool:
         """An explicit merge (``merge()``, the end of ``warm()``, ``cachedata merge``): every
-        new item into one file (``full``: every file into one), then the tiers' own rules.
+        new item into one file (``full``: every file into one), then the background rules.
 
         Waits up to ``wait`` seconds for a merge in another process; True when a file was
         written. ``progress``: a bar of the bytes merged, on stderr.
@@ -466,7 +470,7 @@ class Background:
     def catch_up(self, seconds: float) -> None:
         """Write stall, for writers that can wait (DataLoader workers, never the training loop).
 
-        A cold pass with little transform cost writes as fast as the disk allows, and tiered
+        A cold pass with little transform cost writes as fast as the disk allows, and the
         merges must rewrite each byte a few times: the merges fall behind and files pile up
         for every later reader. When the folder was overdue (``fileset.overdue``) at the last
         look, merge here (or wait while another process does) until it is not, for at most

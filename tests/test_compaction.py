@@ -28,9 +28,10 @@ def data_files(path) -> list[str]:
     return sorted(p.name for p in path.glob("*.h5") if not p.name.startswith("."))
 
 
-def _bound(path) -> int:
-    total = sum(f.size for f in fileset.list_files(path).files)
-    return fileset.SHARD_LIMIT + (fileset.FANOUT - 1) * (fileset.tier(total) + 1)
+def _bound() -> int:
+    """Files a reader may find once merges have kept up: the runs' budget and the shards that
+    do not yet make a merge."""
+    return fileset.MAX_RUNS + fileset.SHARD_LIMIT
 
 
 def _identity(batch):
@@ -38,16 +39,16 @@ def _identity(batch):
 
 
 @pytest.fixture
-def small_tiers(monkeypatch):
-    """Thresholds low enough that a few hundred items climb several tiers (fork inherits them)."""
+def small_budget(monkeypatch):
+    """Thresholds low enough that a few hundred items fill the runs' budget many times over
+    and fold older runs (fork inherits them)."""
     monkeypatch.setattr(fileset, "SHARD_LIMIT", 4)
-    monkeypatch.setattr(fileset, "FANOUT", 3)
-    monkeypatch.setattr(fileset, "TIER_BASE", 2048)
+    monkeypatch.setattr(fileset, "MAX_RUNS", 4)
     monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
 
 
 @pytest.mark.parametrize("pattern", ["subset-outside", "subset-sampler", "direct"])
-def test_worker_only_access_patterns_consolidate_without_len_or_merge(tmp_path, small_tiers, pattern):
+def test_worker_only_access_patterns_consolidate_without_len_or_merge(tmp_path, small_budget, pattern):
     """Workers write and merge by themselves: no len() or merge() on the CachedDataset."""
     n = 600
     log = tmp_path / "log"
@@ -66,7 +67,7 @@ def test_worker_only_access_patterns_consolidate_without_len_or_merge(tmp_path, 
     assert seen == n and count_calls(log) == n
     files = data_files(ds.path)
     # 150 batches made 150 shards; merges in the workers kept the folder small.
-    assert len(files) <= _bound(ds.path), files
+    assert len(files) <= _bound(), files
     assert sum(1 for f in files if f.startswith("run-")) >= 1  # merged in the background
     fresh = CachedDataset(Ragged(n), tmp_path / "c", transform=LogCalls(log))
     for i in range(0, n, 37):
@@ -80,7 +81,7 @@ def add_one_log(item):
 
 
 def _spawned_rank(rank, ds, n, out):
-    fileset.SHARD_LIMIT, fileset.FANOUT, fileset.TIER_BASE = 4, 3, 2048
+    fileset.SHARD_LIMIT, fileset.MAX_RUNS = 4, 4
     compaction.CHECK_EVERY = 0.0
     for lo in range(rank * 4, n, 8):  # this rank's batches, as a DistributedSampler would
         ds.__getitems__(list(range(lo, min(lo + 4, n))))
@@ -88,7 +89,7 @@ def _spawned_rank(rank, ds, n, out):
     out.put((rank, ds.stats.misses))
 
 
-def test_dataset_built_in_parent_and_passed_to_spawned_processes_consolidates(tmp_path, small_tiers):
+def test_dataset_built_in_parent_and_passed_to_spawned_processes_consolidates(tmp_path, small_budget):
     n = 400
     ds = CachedDataset(Ragged(n), tmp_path / "c", transform=add_one)
     ctx = mp.get_context("spawn")
@@ -100,11 +101,11 @@ def test_dataset_built_in_parent_and_passed_to_spawned_processes_consolidates(tm
     for p in procs:
         p.join(60)
     assert sum(got.values()) == n
-    assert len(data_files(ds.path)) <= _bound(ds.path), data_files(ds.path)
+    assert len(data_files(ds.path)) <= _bound(), data_files(ds.path)
     assert ds.num_cached == n
 
 
-def test_main_process_peek_does_not_block_consolidation(tmp_path, small_tiers):
+def test_main_process_peek_does_not_block_consolidation(tmp_path, small_budget):
     """Items computed in the main process before training (a look at ds[0]) stay unsealed,
     and the workers' shards still get merged."""
     n = 300
@@ -112,11 +113,11 @@ def test_main_process_peek_does_not_block_consolidation(tmp_path, small_tiers):
     ds[0], ds[1]
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=_identity, multiprocessing_context="fork")
     assert sum(len(b) for b in loader) == n
-    assert len(data_files(ds.path)) <= _bound(ds.path)
+    assert len(data_files(ds.path)) <= _bound()
     assert ds.stats.misses == n  # the peeked items were inherited by the forked workers
 
 
-def test_background_merge_under_concurrent_readers(tmp_path, small_tiers):
+def test_background_merge_under_concurrent_readers(tmp_path, small_budget):
     """A reader in another process never sees a wrong value nor recomputes while files merge."""
     n = 240
     log = tmp_path / "log"
@@ -147,7 +148,7 @@ def test_background_merge_under_concurrent_readers(tmp_path, small_tiers):
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
-        for _ in range(6):  # merge tier by tier while the reader reads
+        for _ in range(6):  # merge while the reader reads
             if not compaction.consolidate(ds._store._target(), explicit=False, everything=False, wait=30):
                 break
             time.sleep(0.05)
@@ -323,7 +324,7 @@ def test_growth_steps_write_a_bounded_volume(tmp_path):
     assert written() <= 3.0 * final, (written(), final)
     for i in range(0, len(items), 13):
         assert torch.equal(ds[i], items[i])
-    assert len(data_files(ds.path)) <= _bound(ds.path)
+    assert len(data_files(ds.path)) <= _bound()
 
 
 def test_resource_errors_lose_nothing_under_a_low_open_files_limit(tmp_path):
@@ -416,13 +417,14 @@ def _max_files_during(loader, folder) -> tuple[int, int]:
 def test_a_pass_that_outruns_merges_keeps_files_few(tmp_path, monkeypatch, stall):
     """Writers faster than merges (slowed copies here, the disk in a cold pass of cheap items):
     workers that find the folder overdue merge before writing on, so the file count stays
-    bounded all through the pass. The control run without the wait shows the pile it prevents."""
+    bounded all through the pass. The control run, whose workers never find it overdue (so
+    neither wait nor seal less often), shows the pile the two prevent."""
     monkeypatch.setattr(fileset, "SHARD_LIMIT", 2)
-    monkeypatch.setattr(fileset, "FANOUT", 3)
-    monkeypatch.setattr(fileset, "TIER_BASE", 2048)
+    monkeypatch.setattr(fileset, "MAX_RUNS", 4)
     monkeypatch.setattr(compaction, "CHECK_EVERY", 0.0)
     monkeypatch.setattr(storage, "copy_range", _slow_copy(0.02))
-    monkeypatch.setattr(namespace, "STALL_SECONDS", 120.0 if stall else 0.0)
+    if not stall:
+        monkeypatch.setattr(fileset, "overdue", lambda listing: False)  # forked workers inherit it
     n, workers = 400, 2
     log = tmp_path / "log"
     ds = CachedDataset(Ragged(n), tmp_path / "c", transform=LogCalls(log))
@@ -430,13 +432,13 @@ def test_a_pass_that_outruns_merges_keeps_files_few(tmp_path, monkeypatch, stall
                         multiprocessing_context="fork")  # fmt: skip
     seen, most = _max_files_during(loader, ds.path)
     assert seen == n and count_calls(log) == n
-    total = sum(f.size for f in fileset.list_files(ds.path).files)
-    # overdue at 2 x SHARD_LIMIT shards (+ one in flight per worker) or 2 x FANOUT runs a tier
-    bound = 2 * fileset.SHARD_LIMIT + workers + (2 * fileset.FANOUT - 1) * (fileset.tier(total) + 1)
+    # overdue at 2 x SHARD_LIMIT shards (+ one in flight per worker); every merge leaves at
+    # most MAX_RUNS runs (+ its output, published just before its sources are retired)
+    bound = 2 * fileset.SHARD_LIMIT + workers + fileset.MAX_RUNS + 1
     if stall:
         assert most <= bound, (most, bound)
     else:
-        assert most > bound, (most, bound)  # what the wait prevents
+        assert most > bound, (most, bound)  # what the wait (and sealing less often) prevents
     fresh = CachedDataset(Ragged(n), tmp_path / "c", transform=LogCalls(log))
     assert fresh.num_cached == n and count_calls(log) == n
     assert leftovers(tmp_path) == []

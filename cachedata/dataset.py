@@ -189,7 +189,8 @@ class CachedDataset(Dataset):
     def merge(self, *, full: bool = False) -> bool:
         """Consolidate every shard into one merged file; True when a new file was written.
 
-        Older merged files stay as they are unless their size tier is full (so adding a few
+        Older merged files stay as they are, unless more than 24 would stand: then the newest
+        few join (a run only with at least as many newer bytes as its own, so adding a few
         items never rewrites the cache); ``full=True`` rewrites everything into one file.
         Collective under torch.distributed: every rank calls it, global rank 0 merges while
         the others wait, then every rank reads the merged file.

@@ -3,7 +3,7 @@
 The interface is small: ``count``, ``contains``/``has`` (presence), ``get_one``,
 ``get_many``, ``put``, ``seal_due``/``seal``, ``consolidate``, ``destroy``, and
 ``check_files`` for ``cachedata verify``. Behind it, the file format lives in ``storage``
-(payload reads in ``payloads``), the set of files and their tiers in ``fileset``, the shared
+(payload reads in ``payloads``), the set of files and the merge plan in ``fileset``, the shared
 index in ``index``, what this process has loaded and the read path in ``view``, unsealed
 items in ``shards`` and merging in ``compaction``. Every process writes only its own shards
 (one writer per file, no locks on the hot path); readers see the union of runs and shards.
@@ -315,7 +315,7 @@ class Store:
         self, ident: Identity, *, wait: float = 60.0, full: bool = False, progress: bool = False
     ) -> bool:
         """Seal, then merge every shard into one run (``full``: every file into one) and keep
-        the runs within their tiers (``compaction.Background.merge_now``); True when a file
+        the runs within their budget (``compaction.Background.merge_now``); True when a file
         was written. Safe while other processes read: sources are removed only after the new
         file is in place, and readers holding them open keep reading (POSIX keeps unlinked
         files alive)."""

@@ -54,6 +54,7 @@ def tiny_run(tmp_path_factory):
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.xdist_group("bench_peers_tiny_run")  # one worker runs the shared tiny run once
 def test_tiny_run_has_every_system_and_workload(tiny_run):
     tmp, proc, report = tiny_run
     assert report["mode"] == "tiny"
@@ -105,6 +106,7 @@ def test_tiny_run_has_every_system_and_workload(tiny_run):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.xdist_group("bench_peers_tiny_run")
 def test_report_only_with_a_missing_peer(tiny_run):
     tmp, _, report = tiny_run
     # as if Hugging Face datasets had not been installed

@@ -3,11 +3,11 @@
 # Idempotent: a stamp of the requirement files makes a second run take a moment.
 # A fresh clone reuses the packages of a .venv built earlier on this machine: the first clone
 # to build one from scratch keeps a hard-linked copy of it (before its editable install) in
-# ${XDG_CACHE_HOME:-~/.cache}/cachedata/ci-venv-<hash>, keyed by requirements-dev.txt, this
-# script and python3; a later clone makes its .venv from it with hard links (seconds instead
-# of minutes, no extra disk space) and redoes only the editable install of itself. Without
-# that cache, or where hard links cannot reach it (another filesystem), .venv is built as
-# before. CACHEDATA_VENV_CACHE=0 turns the cache off.
+# ${XDG_CACHE_HOME:-~/.cache}/cachedata-ci/venv-<hash>, keyed by requirements-dev.txt and
+# python3; a later clone makes its .venv from it with hard links (seconds instead of minutes,
+# no extra disk space) and redoes only the editable install of itself. Without that copy, or
+# on another filesystem, .venv is built as before. CACHEDATA_VENV_CACHE=0 turns this off.
+# (Not under ~/.cache/cachedata: that is the library's default cache_dir.)
 # --bench: also install the optional benchmark peers (requirements-bench.txt: MONAI,
 # Hugging Face datasets, litdata, Mosaic streaming, matplotlib) on top, for benchmarks/bench_peers.py. CI does not.
 set -euo pipefail
@@ -56,13 +56,14 @@ stamp_src=$(cat requirements-dev.txt setup.cfg pyproject.toml | sha256sum | cut 
 if ! { [ -x .venv/bin/python ] && [ "$(cat .venv/.cachedata-stamp 2>/dev/null)" = "$stamp_src" ]; }; then
   here=$(pwd -P)  # the path Python and venv write into scripts (symbolic links resolved)
   cache_root="${XDG_CACHE_HOME:-${HOME:+$HOME/.cache}}"
-  cache_root="${cache_root:+$cache_root/cachedata}"
+  cache_root="${cache_root:+$cache_root/cachedata-ci}"
   cache=""
   if [ "${CACHEDATA_VENV_CACHE:-1}" != 0 ] && [ -n "$cache_root" ] && mkdir -p "$cache_root" 2>/dev/null; then
-    key=$({ cat requirements-dev.txt .ci/setup.sh
+    # What the copied part is built from; bump "recipe" when the build steps below change.
+    key=$({ echo "recipe 1"; cat requirements-dev.txt
             python3 -c 'import os, platform, sys; print(sys.version, os.path.realpath(sys.executable), platform.machine())'
           } | sha256sum | cut -c1-16)
-    cache="$cache_root/ci-venv-$key"
+    cache="$cache_root/venv-$key"
     for d in "$cache_root"/.tmp-venv-*; do  # left by a setup killed mid-copy
       if [ -d "$d" ] && ! kill -0 "${d##*-}" 2>/dev/null; then rm -rf "$d"; fi
     done
@@ -85,7 +86,7 @@ if ! { [ -x .venv/bin/python ] && [ "$(cat .venv/.cachedata-stamp 2>/dev/null)" 
         echo "kept a copy of .venv in $cache for later clones" >&2
         # Keep the two newest copies: older ones were built from older requirement files.
         # shellcheck disable=SC2012
-        ls -1dt "$cache_root"/ci-venv-* | tail -n +3 | xargs -r rm -rf
+        ls -1dt "$cache_root"/venv-* | tail -n +3 | xargs -r rm -rf
       fi
       rm -f .venv/.cachedata-complete
     fi

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -91,13 +92,25 @@ def test_ranks_compute_each_item_once_in_total(tmp_path, world, drop_last, worke
         _epochs, world, lambda r: (port, str(tmp_path / "cache"), str(log), n, drop_last, outs[r], workers)
     )
     results = [json.loads(Path(o).read_text()) for o in outs]
-    seen = {name for r in results for name in r["epochs"][0]["names"]}
+    readers = collections.Counter(name for r in results for name in r["epochs"][0]["names"])
+    seen = set(readers)
     expected = n if not drop_last else (n // world) * world
     assert len(seen) == expected
-    assert results[0]["epochs"][0]["calls"] == expected, "epoch 1 computes every item exactly once in total"
+    # Epoch 1 computes every item exactly once in total. The exception is an item that two
+    # ranks read in the same epoch (without drop_last, DistributedSampler pads the ranks'
+    # shares by repeating the first items: 3 ranks, 50 items): the second computes it too when
+    # it gets there before the first has sealed it, since no rank waits for another's unsealed
+    # work. Whether it does is a race, so for that item only the bound is checked.
+    first = results[0]["epochs"][0]["calls"]  # every rank finished epoch 1 before this count
+    calls = collections.Counter(line.split()[2] for line in log.read_text().splitlines()[:first])
+    assert set(calls) == seen and sum(readers.values()) - len(seen) == (0 if drop_last else -n % world)
+    for name, k in readers.items():
+        assert (calls[name] == 1) if k == 1 else (1 <= calls[name] <= k), (name, k, calls[name])
     both = seen | {name for r in results for name in r["epochs"][1]["names"]}
     # Epoch 2 computes nothing seen before (with drop_last a reshuffle may bring a dropped item).
-    assert results[0]["epochs"][1]["calls"] == len(both), "epoch 2 computes only items never seen"
+    assert results[0]["epochs"][1]["calls"] - first == len(both - seen), (
+        "epoch 2 computes only items never seen"
+    )
     assert not any(r["merged"] for r in results[1:]), "only rank 0 merges"
     files = results[0]["files"]  # rank 0 merged on its own (complete) or on merge()
     assert len(files) == 1 and files[0].startswith("merged-") and all(r["files"] == files for r in results)
@@ -107,7 +120,7 @@ def test_ranks_compute_each_item_once_in_total(tmp_path, world, drop_last, worke
     for i in range(n):
         if f"item-{i}" in both:
             assert torch.equal(ds[i]["x"], want(Ragged(n)[i])["x"])
-    assert ds.stats.misses == 0 and count_calls(log) == len(both)
+    assert ds.stats.misses == 0 and count_calls(log) == first + len(both - seen)
     shards = {p.name for p in (tmp_path / "cache").glob("*/shard-*")}
     assert not shards
 

@@ -36,7 +36,8 @@ for v in ${CACHEDATA_PYTHONS:-3.10 3.11 3.12 3.13}; do
     fi
     echo "$stamp" > "$venv/.cachedata-stamp"
   fi
-  if "$venv/bin/python" -m pytest -q -p no:cacheprovider "${args[@]}"; then
+  # (-q comes from addopts: a second one would hide the line that counts passed and failed)
+  if "$venv/bin/python" -m pytest -p no:cacheprovider "${args[@]}"; then
     echo "python$v ($("$venv/bin/python" -V 2>&1)): passed"
     ran+=("$v")
   else

@@ -227,6 +227,8 @@ def _file_schema(path: Path, namespace: str) -> str | None:
             ):
                 return None
             raw = _attr(f, "schema")
+            if not storage.schema_intact(raw, _attr(f, storage.SCHEMA_SUM)):
+                return None  # a damaged schema must not become the namespace's
     except Exception:  # h5py raises many types for damaged files; another file may do
         return None
     if not raw:

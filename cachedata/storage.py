@@ -9,7 +9,8 @@ One file holds many items. Layout, readable with h5py alone::
     /index/checksum   uint64[n]     see ``checksum``
     /index/slots      int64[n, S]   shapes and lengths (see cachedata.schema); absent when S == 0
     attrs             cachedata_format=2, kind="shard"|"merged", namespace=<fingerprint>,
-                      schema=<JSON>, created=<unix seconds>, sources=<JSON list, merged files only>
+                      schema=<JSON>, schema_checksum=<xxh3-64 hex of schema, see SCHEMA_SUM>,
+                      created=<unix seconds>, sources=<JSON list, merged files only>
     xattr             user.cachedata.rows=<n> (``fileset.ROWS_XATTR``), where the filesystem has
                       user xattrs: ``cachedata info`` reads the item counts without HDF5
 
@@ -83,6 +84,21 @@ def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[
     if slots:
         seed ^= xxhash.xxh3_64_intdigest(struct.pack(f"<{len(slots)}q", *slots))
     return xxhash.xxh3_64_intdigest(payload, seed=seed)
+
+
+#: The attribute holding the xxh3-64 (hex) of a file's ``schema`` text: the item checksums do
+#: not cover the schema, and a flipped byte there (a key "label" read as "mabel") would decode
+#: good payloads into a wrong structure. Files written before it was added carry none.
+SCHEMA_SUM = "schema_checksum"
+
+
+def schema_intact(schema: str | None, recorded: str | None) -> bool:
+    """False when a file records its schema's checksum and the schema text does not match it."""
+    if recorded is None:
+        return True
+    return schema is not None and recorded == xxhash.xxh3_64_hexdigest(
+        schema.encode("utf-8", "surrogatepass")
+    )
 
 
 def seeds(keys: Sequence[int], slot_rows: np.ndarray) -> list[int]:
@@ -279,6 +295,7 @@ def _finish(
         f.attrs["kind"] = kind
         f.attrs["namespace"] = namespace
         f.attrs["schema"] = schema
+        f.attrs[SCHEMA_SUM] = xxhash.xxh3_64_hexdigest(schema.encode("utf-8", "surrogatepass"))
         f.attrs["created"] = time.time()
         if kind == "merged":
             f.attrs["sources"] = json.dumps(list(sources))
@@ -429,6 +446,8 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
             if any(p[2][0] != n for p in places.values()):
                 raise CorruptFile(f"{path}: /index columns differ in length")
             schema = _text(f.attrs.get("schema"))
+            if not schema_intact(schema, _text(f.attrs.get(SCHEMA_SUM))):
+                raise CorruptFile(f"{path}: its item schema fails its checksum")
             kind = _text(f.attrs.get("kind"))
             sources = tuple(json.loads(_text(f.attrs.get("sources")) or "[]"))
             # Small files (and any column HDF5 did not lay out contiguously) are read now.

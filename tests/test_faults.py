@@ -70,6 +70,24 @@ def test_random_byte_flips_never_yield_a_wrong_value(pristine, tmp_path_factory,
         assert_same(ds[i], want[i], f"item {i}")
 
 
+def test_a_flipped_byte_in_the_schema_text_never_renames_keys(pristine, tmp_path, caplog):
+    """Found by the property test above: item checksums do not cover the file's schema text,
+    and with schema.json gone the namespace adopts a file's schema. "label" flipped to "mabel"
+    decoded good payloads into a wrong structure; the schema's own checksum now refuses it."""
+    ns, name, raw, want = pristine
+    at = raw.index(b'"label"')
+    blob = bytearray(raw)
+    blob[at + 1] ^= ord("l") ^ ord("m")  # "mabel": still valid JSON, still decodable
+    (tmp_path / ns).mkdir()
+    (tmp_path / ns / name).write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="cachedata"):
+        ds = CachedDataset(Ragged(12), tmp_path, transform=add_one)
+        for i in range(12):
+            assert_same(ds[i], want[i], f"item {i}")
+    assert ds.stats.misses == 12
+    assert any("schema fails its checksum" in r.getMessage() for r in caplog.records)
+
+
 def test_truncated_file_is_detected_and_recomputed(tmp_path, caplog):
     ds, want = _built(tmp_path)
     (merged,) = ds.path.glob("merged-*.h5")

@@ -151,7 +151,7 @@ class CachedDataset(Dataset):
                 t0 = time.perf_counter()
                 got = self._store.get_one(int(addr.indices[i]) if addr.indices is not None else i)
                 if got is not None:
-                    self._counters.add(hits=1, bytes_read=got[1], read_seconds=time.perf_counter() - t0)
+                    self._counters.hit(got[1], time.perf_counter() - t0)
                     return self.post_transform(got[0]) if self.post_transform is not None else got[0]
         return self._get([index], single=True)[0]
 

@@ -82,8 +82,14 @@ def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[
     """
     seed = key & 0xFFFFFFFFFFFFFFFF
     if slots:
-        seed ^= xxhash.xxh3_64_intdigest(struct.pack(f"<{len(slots)}q", *slots))
+        n = len(slots)
+        packer = _SLOT_PACKERS.get(n) or _SLOT_PACKERS.setdefault(n, struct.Struct(f"<{n}q"))
+        seed ^= xxhash.xxh3_64_intdigest(packer.pack(*slots))
     return xxhash.xxh3_64_intdigest(payload, seed=seed)
+
+
+#: A compiled ``struct.Struct`` per slot count: formatting "<{n}q" anew costs every read.
+_SLOT_PACKERS: dict[int, struct.Struct] = {}
 
 
 #: The attribute holding the xxh3-64 (hex) of a file's ``schema`` text: the item checksums do
@@ -532,11 +538,16 @@ def _column_dtype(name: str) -> np.dtype:
 
 
 def _map(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, file_bytes: int) -> np.ndarray:
-    """A read-only memory map of one index column (shared between processes)."""
+    """A read-only memory map of one index column (shared between processes).
+
+    Returned as a plain ndarray view of the map (its base keeps the map alive): indexing an
+    ``np.memmap`` runs a Python-level ``__getitem__`` and ``__array_finalize__``, about 1 us
+    a lookup, and the single-item read path makes four of them.
+    """
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if offset + nbytes > file_bytes:
         raise CorruptFile(f"{path}: an /index column lies outside the file")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
 
 
 def _text(value: object) -> str | None:

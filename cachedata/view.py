@@ -264,11 +264,11 @@ class View:
         try:
             if seg.reader.pid != self.pid:
                 self._open(seg)
-            buf = seg.reader.read(int(fi.offsets[row]), int(fi.sizes[row]))
+            buf = seg.reader.read(fi.offsets.item(row), fi.sizes.item(row))
         except (OSError, CorruptFile):
             return None  # the batched path sorts out vanished, transient and corrupt files
         slots = fi.slots[row].tolist()
-        if storage.checksum(key, buf, slots) != int(fi.checksums[row]):
+        if storage.checksum(key, buf, slots) != fi.checksums.item(row):
             return None
         return buf, slots
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.multiprocessing as tmp_mp
 from helpers import LogCalls, Ragged, count_calls, identity_batch
 from torch.utils.data import DataLoader
@@ -64,6 +65,30 @@ def test_counters_add_every_field_to_its_own_column():
         **{k: 2 * v for k, v in values.items()},
         "hit_rate": 1 / 3,
     }
+
+
+class _Tokens:
+    """1-D int64 tensors of 1..40 values: the single-leaf path of ``ds[i]``."""
+
+    def __len__(self) -> int:
+        return 60
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.arange(i % 40 + 1, dtype=torch.int64)
+
+
+def test_single_item_hits_count_what_batched_hits_count(tmp_path):
+    """ds[i]'s unrolled hit counter adds what ``add`` adds: one hit, its payload bytes, its time."""
+    CachedDataset(_Tokens(), tmp_path).__getitems__(list(range(60)))  # cold: all computed
+    payload = sum(8 * (i % 40 + 1) for i in range(60))
+    batched = CachedDataset(_Tokens(), tmp_path)
+    batched.__getitems__(list(range(60)))
+    single = CachedDataset(_Tokens(), tmp_path)
+    for i in range(60):
+        assert torch.equal(single[i], _Tokens()[i])
+    for stats in (batched.stats, single.stats):
+        assert (stats.hits, stats.misses, stats.writes, stats.bytes_read) == (60, 0, 0, payload)
+        assert stats.read_seconds > 0 and stats.compute_seconds == 0
 
 
 _DYING = """

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import fileset, scrub, storage
 from . import schema as schema_mod
-from .faults import CorruptFile, TransientError, limit_hint, transient, warn_once, warn_transient
+from .faults import CorruptFileError, TransientError, limit_hint, transient, warn_once, warn_transient
 from .payloads import Reader
 from .progress import progress_bar
 from .storage import FileIndex
@@ -79,14 +79,14 @@ def merge_files(target: Target, files: list[fileset.DataFile], *, run: str, prog
         try:
             fi = storage.read_index(folder / f.name, namespace=target.fingerprint)
             if fi.schema and schema_mod.dumps(schema_mod.load(fi.schema)) != target.schema_text:
-                raise CorruptFile(f"{folder / f.name}: its item schema differs from the namespace's")
+                raise CorruptFileError(f"{folder / f.name}: its item schema differs from the namespace's")
             if fi.slots.shape[1] != target.nslots:
-                raise CorruptFile(
+                raise CorruptFileError(
                     f"{folder / f.name}: {fi.slots.shape[1]} slots per item, expected {target.nslots}"
                 )
         except FileNotFoundError:
             return None  # cleared meanwhile (merges never remove files they do not hold)
-        except CorruptFile as exc:
+        except CorruptFileError as exc:
             if (folder / f.name).exists():
                 warn_once("corrupt:" + f.name, folder, "cachedata: dropping unreadable cache file %s", exc)
                 malformed.add(f.name)
@@ -233,7 +233,7 @@ def _merge_decoded(target: Target, loaded: list[tuple[int, FileIndex]], run: str
             buf = bytearray(n)
             try:
                 readers[s].read_into(memoryview(buf), int(fi.offsets[r]))
-            except CorruptFile:
+            except CorruptFileError:
                 dropped[0] += 1
                 yield None
                 continue
@@ -341,14 +341,14 @@ def overlapping(
         return []
     try:
         parts = [storage.read_index(target.folder / f.name, namespace=target.fingerprint).keys for f in pile]
-    except (CorruptFile, FileNotFoundError):
+    except (CorruptFileError, FileNotFoundError):
         return []  # merge_files deals with the pile's own faults
     keys = np.unique(np.concatenate(parts)) if parts else np.empty(0, np.int64)
     out = []
     for f in older:
         try:
             have = storage.read_index(target.folder / f.name, namespace=target.fingerprint).keys
-        except (CorruptFile, FileNotFoundError):
+        except (CorruptFileError, FileNotFoundError):
             continue  # a malformed or vanished file is not this merge's business
         if not len(have) or not len(keys) or have[0] > keys[-1] or have[-1] < keys[0]:
             continue

@@ -17,7 +17,7 @@ from .addressing import Addresses
 from .budget import explicit_limit
 from .compute import Compute
 from .distributed import current_rank, world_size
-from .namespace import ReadOnly, Store
+from .namespace import ReadOnlyError, Store
 from .paths import default_cache_dir
 from .shards import Identity
 from .stats import CacheStats, Counters
@@ -123,7 +123,7 @@ class CachedDataset(Dataset):
         self._budget.open(meta)
         try:
             self._store.create(meta)
-        except ReadOnly as exc:
+        except ReadOnlyError as exc:
             self._read_only(exc)
         if is_new:
             origin.explain_new_namespace(self.cache_dir, meta)
@@ -225,7 +225,7 @@ class CachedDataset(Dataset):
         self._budget.cleared()  # the lease went with the folder
         try:
             self._store.create(self._meta_record)  # what produced the namespace stays on record
-        except ReadOnly as exc:
+        except ReadOnlyError as exc:
             self._read_only(exc)
 
     @property

@@ -46,7 +46,7 @@ def warn_transient(folder: Path, exc: BaseException) -> None:
     )  # fmt: skip
 
 
-class CorruptFile(Exception):
+class CorruptFileError(Exception):
     """A cache file that cannot be trusted (malformed, inconsistent, or tampered with)."""
 
 

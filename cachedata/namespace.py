@@ -39,7 +39,7 @@ _LAST_USED_EVERY = 3600.0
 _RETRY_ITEMS = 4 * 4096
 
 
-class ReadOnly(Exception):
+class ReadOnlyError(Exception):
     """The namespace folder cannot be written."""
 
 
@@ -108,7 +108,7 @@ class Store:
     # -- the folder -----------------------------------------------------------------------
 
     def create(self, meta: dict) -> None:
-        """Create the folder and meta.json if missing; ReadOnly when that is impossible."""
+        """Create the folder and meta.json if missing; ReadOnlyError when that is impossible."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             metadata.ensure_meta(self.path, meta)  # creates it, or repairs a damaged one
@@ -116,7 +116,7 @@ class Store:
                 raise PermissionError(f"no write permission on {self.path}")
             fileset.sweep(self.path)  # leftovers of killed writers
         except OSError as exc:
-            raise ReadOnly(str(exc)) from exc
+            raise ReadOnlyError(str(exc)) from exc
 
     def touch(self) -> None:
         """Record a use in ``last_used``'s mtime, at most once an hour per process."""
@@ -240,7 +240,7 @@ class Store:
         item and a cached one look the same. ``where`` names the item in errors."""
         try:
             enc = schema_mod.encode(value)
-        except schema_mod.Unstorable as exc:
+        except schema_mod.UnstorableError as exc:
             raise TypeError(f"item {where} {exc}") from None
         view = self.view
         diff = view.fix_schema(enc)

@@ -13,7 +13,7 @@ from typing import Any
 import h5py
 
 from . import buffers, storage
-from .faults import CorruptFile
+from .faults import CorruptFileError
 from .storage import FileIndex
 
 
@@ -84,7 +84,7 @@ class Reader:
         if view is not None:
             src = view[offset : offset + n]
             if src.nbytes != n:
-                raise CorruptFile(f"{self.path}: short read ({src.nbytes} of {n} bytes at {offset})")
+                raise CorruptFileError(f"{self.path}: short read ({src.nbytes} of {n} bytes at {offset})")
             if n < buffers.MIN_BYTES:
                 return bytearray(src)
             buf: Any = buffers.take(n)  # a uint8 array: a writable buffer too
@@ -94,7 +94,7 @@ class Reader:
         if self.compressed:
             self.read_into(memoryview(buf), offset)
         elif n and os.preadv(self.fd, [buf], self.data_offset + offset) != n:
-            raise CorruptFile(f"{self.path}: short read of {n} bytes at {offset}")
+            raise CorruptFileError(f"{self.path}: short read of {n} bytes at {offset}")
         return buf
 
     def read_into(self, buf: memoryview, offset: int) -> None:
@@ -117,7 +117,7 @@ class Reader:
         else:
             got = os.preadv(self.fd, [buf], self.data_offset + offset)
         if got != n:
-            raise CorruptFile(f"{self.path}: short read ({got} of {n} bytes at {offset})")
+            raise CorruptFileError(f"{self.path}: short read ({got} of {n} bytes at {offset})")
 
     def span(self, offset: int, n: int) -> memoryview:
         """``n`` payload bytes from ``offset`` (relative to /data), for scans rather than hits:
@@ -128,7 +128,7 @@ class Reader:
         if self.view is not None:
             got = self.view[offset : offset + n]
             if got.nbytes != n:
-                raise CorruptFile(f"{self.path}: short read ({got.nbytes} of {n} bytes at {offset})")
+                raise CorruptFileError(f"{self.path}: short read ({got.nbytes} of {n} bytes at {offset})")
             return got
         buf = bytearray(n)
         self.read_into(memoryview(buf), offset)

@@ -89,7 +89,7 @@ _PIL_MODES = frozenset({"1", "L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "
 _warned_subclass: set[str] = set()
 
 
-class Unstorable(TypeError):
+class UnstorableError(TypeError):
     """Raised while flattening; the dataset prefixes the item index."""
 
 
@@ -150,7 +150,7 @@ def _flatten(x: Any, path: tuple, slots: list[int], chunks: list) -> dict:
             elif type(k) is int:
                 keys.append(["i", k])
             else:
-                raise Unstorable(
+                raise UnstorableError(
                     f"at {_place(path)}: dict key {k!r} of type {type_name(type(k))} cannot be stored; "
                     "use str or int keys"
                 )
@@ -199,8 +199,8 @@ def _flatten(x: Any, path: tuple, slots: list[int], chunks: list) -> dict:
         return _flatten_pil(x, path, slots, chunks)
     if isinstance(x, (dict, list, tuple)):
         hint = "a plain dict" if isinstance(x, dict) else "a plain list or tuple"
-        raise Unstorable(f"at {_place(path)}: cannot store {type_name(type(x))}; return {hint}")
-    raise Unstorable(
+        raise UnstorableError(f"at {_place(path)}: cannot store {type_name(type(x))}; return {hint}")
+    raise UnstorableError(
         f"at {_place(path)}: cannot store {type_name(type(x))}; return a tensor, an ndarray, "
         "a number, str, bytes, None, or a dict/list/tuple of those"
     )
@@ -258,13 +258,13 @@ def _flatten_tensor(x: torch.Tensor, path: tuple, slots: list[int], chunks: list
             logger.warning("cachedata stores %s at %s as a plain torch.Tensor", name, _place(path))
         x = x.as_subclass(torch.Tensor)
     if x.layout != torch.strided or x.is_quantized or x.is_nested:
-        raise Unstorable(
+        raise UnstorableError(
             f"at {_place(path)}: cannot store a {x.layout} / quantized / nested tensor; "
             "return a dense tensor (e.g. .to_dense())"
         )
     dtype = str(x.dtype).removeprefix("torch.")
     if dtype not in _TORCH_DTYPES:
-        raise Unstorable(f"at {_place(path)}: cannot store tensor dtype {x.dtype}")
+        raise UnstorableError(f"at {_place(path)}: cannot store tensor dtype {x.dtype}")
     x = x.detach().resolve_conj().resolve_neg()
     if x.device.type != "cpu":
         x = x.cpu()
@@ -285,7 +285,7 @@ def _np_dtype_name(dt: np.dtype) -> tuple[str, bool]:
 def _flatten_array(x: np.ndarray, path: tuple, slots: list[int], chunks: list, kind: str) -> dict:
     dt = x.dtype
     if dt.kind not in _NUMPY_KINDS or dt.fields is not None or dt.subdtype is not None:
-        raise Unstorable(
+        raise UnstorableError(
             f"at {_place(path)}: cannot store an ndarray of dtype {dt}; "
             "return a numeric, bool, datetime or fixed-width string array"
         )
@@ -305,7 +305,7 @@ def _flatten_array(x: np.ndarray, path: tuple, slots: list[int], chunks: list, k
 
 def _flatten_pil(img: Any, path: tuple, slots: list[int], chunks: list) -> dict:
     if img.mode not in _PIL_MODES:
-        raise Unstorable(
+        raise UnstorableError(
             f"at {_place(path)}: cannot store a PIL image of mode {img.mode!r}; "
             f"convert it first (e.g. img.convert('RGB')); storable modes: {sorted(_PIL_MODES)}"
         )

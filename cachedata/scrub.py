@@ -17,7 +17,7 @@ import numpy as np
 import xxhash
 
 from . import fileset, storage
-from .faults import CorruptFile, TransientError, limit_hint, transient
+from .faults import CorruptFileError, TransientError, limit_hint, transient
 from .payloads import Reader
 from .storage import FileIndex
 
@@ -63,13 +63,13 @@ def check_namespace(
         for name in todo:
             try:
                 if view.schema is None:
-                    raise CorruptFile(f"{folder / name}: no readable item schema in the namespace")
+                    raise CorruptFileError(f"{folder / name}: no readable item schema in the namespace")
                 loaded.append(view.checked_index(name))
             except FileNotFoundError:
                 out.append(FileCheck(name, 0, (), vanished=True))
             except TransientError as exc:
                 out.append(FileCheck(name, 0, (), error=f"{exc}; raise {limit_hint(exc)}"))
-            except (CorruptFile, ValueError) as exc:
+            except (CorruptFileError, ValueError) as exc:
                 gone = not (folder / name).exists()
                 why = f"unreadable file: {str(exc).removeprefix(f'{folder / name}: ')}"
                 out.append(FileCheck(name, 0, () if gone else ((None, why),), vanished=gone))
@@ -172,7 +172,7 @@ def _check_group(reader: Reader, fi: FileIndex, rows: list[int]) -> list[tuple[i
                     bad.append((r, "checksum mismatch"))
     except FileNotFoundError:
         raise
-    except (OSError, CorruptFile) as exc:
+    except (OSError, CorruptFileError) as exc:
         if transient(exc):
             raise
         if len(rows) > 1:  # find out which items are affected

@@ -43,7 +43,7 @@ import numpy as np
 import xxhash
 
 from . import fileset
-from .faults import CorruptFile, TransientError, transient
+from .faults import CorruptFileError, TransientError, transient
 
 #: The on-disk format. It is part of every namespace fingerprint, so a cache written in
 #: another format is never read: it is a different namespace (``cachedata info`` names it).
@@ -265,14 +265,14 @@ def copy_range(src_fd: int, src: int, dst_fd: int, dst: int, n: int, *, use_copy
                 break  # not supported here: the loop below copies what is left
             raise
         if done == 0:
-            raise CorruptFile(f"source file ended {n} bytes early while merging")
+            raise CorruptFileError(f"source file ended {n} bytes early while merging")
         src, dst, n = src + done, dst + done, n - done
     buf = bytearray(min(n, _COPY_BYTES)) if n > 0 else bytearray()
     view = memoryview(buf)
     while n > 0:
         got = os.preadv(src_fd, [view[: min(n, len(buf))]], src)
         if got == 0:
-            raise CorruptFile(f"source file ended {n} bytes early while merging")
+            raise CorruptFileError(f"source file ended {n} bytes early while merging")
         at = 0
         while at < got:
             at += os.pwrite(dst_fd, view[at:got], dst + at)
@@ -416,7 +416,7 @@ _COLUMNS = ("key", "offset", "size", "checksum")
 def read_index(path: Path, *, namespace: str) -> FileIndex:
     """Load and validate one file's index.
 
-    CorruptFile when the file cannot be trusted; TransientError (never CorruptFile) when
+    CorruptFileError when the file cannot be trusted; TransientError (never CorruptFileError) when
     the environment failed (too many open files, no memory, a transient I/O error), and
     FileNotFoundError when it vanished (merged away meanwhile).
     """
@@ -424,24 +424,24 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
         with H5_LOCK, h5py.File(path, "r", locking=False) as f:
             fmt = f.attrs.get("cachedata_format")
             if fmt != FORMAT_VERSION:
-                raise CorruptFile(
+                raise CorruptFileError(
                     f"{path}: format {fmt!r}, expected {FORMAT_VERSION} (written by another cachedata version)"
                 )
             if _text(f.attrs.get("namespace")) != namespace:
-                raise CorruptFile(f"{path}: belongs to namespace {_text(f.attrs.get('namespace'))!r}")
+                raise CorruptFileError(f"{path}: belongs to namespace {_text(f.attrs.get('namespace'))!r}")
             data = _dataset(f, path, "data")
             if data.is_virtual or data.external:
-                raise CorruptFile(f"{path}: /data is virtual or external, refusing")
+                raise CorruptFileError(f"{path}: /data is virtual or external, refusing")
             if data.dtype != np.uint8 or data.ndim != 1:
-                raise CorruptFile(f"{path}: /data has dtype {data.dtype} and {data.ndim} dims")
+                raise CorruptFileError(f"{path}: /data has dtype {data.dtype} and {data.ndim} dims")
             total = int(data.shape[0])
             compressed = data.chunks is not None
             data_offset = None if compressed or total == 0 else data.id.get_offset()
             if not compressed and total and data_offset is None:
-                raise CorruptFile(f"{path}: /data has no storage")
+                raise CorruptFileError(f"{path}: /data has no storage")
             group = f.get("index", getlink=True)
             if not isinstance(group, h5py.HardLink) or not isinstance(f["index"], h5py.Group):
-                raise CorruptFile(f"{path}: /index is not a group")
+                raise CorruptFileError(f"{path}: /index is not a group")
             places = {}
             for name in (*_COLUMNS, "slots"):
                 if name == "slots" and "slots" not in f["index"]:
@@ -450,10 +450,10 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
                 places[name] = _place(d, path, name)
             n = places["key"][2][0]
             if any(p[2][0] != n for p in places.values()):
-                raise CorruptFile(f"{path}: /index columns differ in length")
+                raise CorruptFileError(f"{path}: /index columns differ in length")
             schema = _text(f.attrs.get("schema"))
             if not schema_intact(schema, _text(f.attrs.get(SCHEMA_SUM))):
-                raise CorruptFile(f"{path}: its item schema fails its checksum")
+                raise CorruptFileError(f"{path}: its item schema fails its checksum")
             kind = _text(f.attrs.get("kind"))
             sources = tuple(json.loads(_text(f.attrs.get("sources")) or "[]"))
             # Small files (and any column HDF5 did not lay out contiguously) are read now.
@@ -461,12 +461,12 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
                 name: d[()] if n < MAP_INDEX_ROWS or off is None else None
                 for name, (d, off, _shape) in places.items()
             }
-    except (CorruptFile, FileNotFoundError):
+    except (CorruptFileError, FileNotFoundError):
         raise
     except Exception as exc:
         if transient(exc):
             raise TransientError(getattr(exc, "errno", None) or errno.EIO, f"{path}: {exc}") from exc
-        raise CorruptFile(f"{path}: {exc}") from exc
+        raise CorruptFileError(f"{path}: {exc}") from exc
     file_bytes = os.stat(path).st_size
     for name, (_d, off, shape) in places.items():
         if cols[name] is None:
@@ -481,9 +481,9 @@ def read_index(path: Path, *, namespace: str) -> FileIndex:
         offsets = cols["offset"].astype(np.int64)
         sizes = cols["size"].astype(np.int64)
         if n and (int((cols["offset"] + cols["size"]).max()) > total or offsets.min() < 0 or sizes.min() < 0):
-            raise CorruptFile(f"{path}: /index points outside /data ({total} bytes)")
+            raise CorruptFileError(f"{path}: /index points outside /data ({total} bytes)")
         if n > 1 and not bool((keys[1:] > keys[:-1]).all()):
-            raise CorruptFile(f"{path}: /index keys are not unique and ascending")
+            raise CorruptFileError(f"{path}: /index keys are not unique and ascending")
     return FileIndex(
         path=path,
         keys=keys,
@@ -515,10 +515,10 @@ def compression_of(path: Path) -> str | None:
 def _dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
     link = f.get(name, getlink=True)
     if not isinstance(link, h5py.HardLink):
-        raise CorruptFile(f"{path}: /{name} is a {type(link).__name__}, refusing links")
+        raise CorruptFileError(f"{path}: /{name} is a {type(link).__name__}, refusing links")
     d = f[name]
     if not isinstance(d, h5py.Dataset):
-        raise CorruptFile(f"{path}: /{name} is not a dataset")
+        raise CorruptFileError(f"{path}: /{name} is not a dataset")
     return d
 
 
@@ -526,7 +526,7 @@ def _place(d: h5py.Dataset, path: Path, name: str) -> tuple[h5py.Dataset, int | 
     """(dataset, file offset when contiguous and mappable, shape) of one index column."""
     want = _column_dtype(name)
     if d.dtype != want or d.ndim != (2 if name == "slots" else 1):
-        raise CorruptFile(f"{path}: /index/{name} has dtype {d.dtype} and {d.ndim} dims")
+        raise CorruptFileError(f"{path}: /index/{name} has dtype {d.dtype} and {d.ndim} dims")
     off = None
     if d.chunks is None and not d.is_virtual and not d.external and d.size:
         off = d.id.get_offset()
@@ -546,7 +546,7 @@ def _map(path: Path, offset: int, shape: tuple[int, ...], dtype: np.dtype, file_
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
     if offset + nbytes > file_bytes:
-        raise CorruptFile(f"{path}: an /index column lies outside the file")
+        raise CorruptFileError(f"{path}: an /index column lies outside the file")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape).view(np.ndarray)
 
 

@@ -24,7 +24,7 @@ from . import eviction, usage
 from .budget import ENV_VAR, Limit, current_limit
 from .fileset import create_once
 from .leases import Lease
-from .namespace import ReadOnly, Store
+from .namespace import ReadOnlyError, Store
 from .units import format_size
 
 logger = logging.getLogger("cachedata")
@@ -45,7 +45,7 @@ SHARD_FIXED_BYTES = 9 * 1024
 SHARD_ITEM_BYTES = 64
 
 
-class BudgetExceeded(Exception):
+class BudgetExceededError(Exception):
     """The namespaces in use alone exceed the cache folder's budget (the message says by how much)."""
 
 
@@ -176,7 +176,7 @@ class Tracker:
             with os.fdopen(fd, "w") as fh:
                 fh.write(self.message + "\n")
         if first:
-            store.disable_writes(BudgetExceeded(self.message))
+            store.disable_writes(BudgetExceededError(self.message))
         else:
             store.stop_writes()
 
@@ -185,7 +185,7 @@ class Tracker:
         and schema.json when this process knows the schema) so that writes can go on."""
         try:
             store.create(self.meta or {"fingerprint": self.path.name})
-        except ReadOnly:
+        except ReadOnlyError:
             return
         if store.schema_text and not (self.path / "schema.json").exists():
             with contextlib.suppress(OSError):

@@ -21,7 +21,7 @@ import xxhash
 
 from . import compaction, fileset, metadata, storage
 from . import schema as schema_mod
-from .faults import CorruptFile, TransientError, transient, warn_once, warn_transient
+from .faults import CorruptFileError, TransientError, transient, warn_once, warn_transient
 from .index import Index, Segment
 from .storage import FileIndex, read_index
 
@@ -89,7 +89,7 @@ class View:
                 fi = read_index(self.path / name, namespace=self.fingerprint)
                 self._set_schema(fi.schema)
                 return
-            except (CorruptFile, TransientError, FileNotFoundError, ValueError):
+            except (CorruptFileError, TransientError, FileNotFoundError, ValueError):
                 continue
 
     def target(self, compression: str | None) -> compaction.Target | None:
@@ -101,12 +101,12 @@ class View:
         )
 
     def checked_index(self, name: str) -> FileIndex:
-        """A file's index, checked against the namespace's schema (CorruptFile when it differs)."""
+        """A file's index, checked against the namespace's schema (CorruptFileError when it differs)."""
         fi = read_index(self.path / name, namespace=self.fingerprint)
         if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
-            raise CorruptFile(f"{self.path / name}: its item schema differs from the namespace's")
+            raise CorruptFileError(f"{self.path / name}: its item schema differs from the namespace's")
         if fi.slots.shape[1] != self.decoder.nslots:
-            raise CorruptFile(
+            raise CorruptFileError(
                 f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
             )
         return fi
@@ -165,7 +165,7 @@ class View:
             # Not corruption: the file stays, and the next refresh tries it again.
             warn_transient(self.path, exc)
             return False
-        except (CorruptFile, ValueError) as exc:
+        except (CorruptFileError, ValueError) as exc:
             if not (self.path / name).exists():
                 return False
             self._bad_files.add(name)
@@ -246,7 +246,7 @@ class View:
         ):  # fmt: skip
             try:
                 buf = read(off, n)
-            except (OSError, CorruptFile) as exc:
+            except (OSError, CorruptFileError) as exc:
                 self._read_failed(seg, key, exc)
                 continue
             if digest(buf, seed=seed) != want:
@@ -265,7 +265,7 @@ class View:
             if seg.reader.pid != self.pid:
                 self._open(seg)
             buf = seg.reader.read(fi.offsets.item(row), fi.sizes.item(row))
-        except (OSError, CorruptFile):
+        except (OSError, CorruptFileError):
             return None  # the batched path sorts out vanished, transient and corrupt files
         slots = fi.slots[row].tolist()
         if storage.checksum(key, buf, slots) != fi.checksums.item(row):

@@ -18,7 +18,7 @@ import pytest
 from conftest import leftovers
 
 from cachedata import fileset, shards
-from cachedata.namespace import ReadOnly, Store
+from cachedata.namespace import ReadOnlyError, Store
 from cachedata.shards import Identity
 
 pytestmark = pytest.mark.timeout(120)
@@ -201,5 +201,5 @@ def test_consolidate_and_destroy(tmp_path):
 
 def test_a_folder_that_cannot_be_created_is_read_only(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(ReadOnly):
+    with pytest.raises(ReadOnlyError):
         _store(tmp_path / "file" / "ns")

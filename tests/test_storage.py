@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cachedata import fileset, storage
-from cachedata.faults import CorruptFile, TransientError, transient
+from cachedata.faults import CorruptFileError, TransientError, transient
 from cachedata.index import Index
 from cachedata.payloads import Reader
 from cachedata.storage import read_index, write_file
@@ -62,7 +62,7 @@ def test_unsorted_keys_are_refused_at_write_and_at_read(tmp_path):
     _write(tmp_path / "b.h5", [1, 2, 3])
     with h5py.File(tmp_path / "b.h5", "r+", locking=False) as f:
         f["index/key"][...] = [3, 2, 1]
-    with pytest.raises(CorruptFile, match="ascending"):
+    with pytest.raises(CorruptFileError, match="ascending"):
         read_index(tmp_path / "b.h5", namespace="ns")
 
 
@@ -91,7 +91,7 @@ def test_malformed_files_are_corrupt_not_transient(tmp_path, damage):
                 f.attrs["namespace"] = "other"
             elif damage == "format-1":
                 f.attrs["cachedata_format"] = 1
-    with pytest.raises(CorruptFile) as info:
+    with pytest.raises(CorruptFileError) as info:
         read_index(path, namespace="ns")
     assert not isinstance(info.value, TransientError)
 
@@ -140,7 +140,7 @@ def test_too_many_open_files_is_transient(tmp_path):
         f"""
         import resource, pathlib
         from cachedata import fileset, storage
-        from cachedata.faults import CorruptFile, TransientError, limit_hint
+        from cachedata.faults import CorruptFileError, TransientError, limit_hint
         fds = []
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
         try:
@@ -152,7 +152,7 @@ def test_too_many_open_files_is_transient(tmp_path):
             storage.read_index(pathlib.Path({str(tmp_path / "f.h5")!r}), namespace="ns")
         except TransientError as exc:
             print("transient", limit_hint(exc))
-        except CorruptFile as exc:
+        except CorruptFileError as exc:
             print("corrupt", exc)
         """
     )

@@ -4,6 +4,7 @@ their module, exceptions named as PEP 8 asks. Read with ``ast``; nothing is impo
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,12 @@ def test_exceptions_are_named_errors():
         f"{_name(path)}:{node.lineno} {node.name}" for path, node in ours if not node.name.endswith("Error")
     ]
     assert wrong == []
+
+
+@pytest.mark.parametrize("path", MODULES, ids=_name)
+def test_comments_say_why_rather_than_cite_an_issue(path):
+    """An issue number means nothing to a reader of the code; the reason belongs in the text."""
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        assert not re.search(r"\b(issue|the issue) ?#?\d+|\bthe issue\b", line, re.I), (
+            f"{_name(path)}:{n}: {line.strip()}"
+        )

@@ -194,7 +194,7 @@ def test_runs_stay_within_budget_through_any_mix_of_merges(seed, steps):
 
 
 def test_a_million_small_items_in_batches_of_8_need_a_few_dozen_files():
-    """The cold pass of issue 15's example: 1,000,000 items of 100 B in batches of 8."""
+    """A cold pass of 1,000,000 items of 100 B written in batches of 8."""
     folder = _cold_pass(1_000_000 // 8, 100, 8)
     assert folder.most <= MAX_RUNS + SHARD_LIMIT and len(folder.runs) + len(folder.shards) <= 40
     assert folder.written / folder.size <= 4.8, folder.written / folder.size  # measured 4.58 (tiers: 5.51)

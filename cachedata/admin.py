@@ -9,7 +9,7 @@ Every file is reached through the storage layers: names, listings and locks thro
 
 ``inspect`` reads meta.json, file names, sizes, lease files and the row count each data file
 carries in an extended attribute (``fileset.ROWS_XATTR``), so that ``cachedata info`` starts
-without numpy or HDF5 (0.25 s for 10 namespaces). Only a namespace with a file lacking that
+without numpy or HDF5 (under 0.3 s for 10 namespaces). Only a namespace with a file lacking that
 attribute has its items counted through every file's index (HDF5), as ``items=True`` does
 for all. ``verify``, ``merge`` and the index count import the Store when called, for the
 same reason.

@@ -13,7 +13,7 @@ instead), and exits with:
 The work is done by ``cachedata.admin`` (pure functions returning records); this module
 only reads arguments and prints, the only place in cachedata that prints. It imports
 neither torch, numpy nor HDF5 up front: ``info``, ``prune``, ``clear`` and ``budget`` never
-need them, so they start in a fraction of a second (0.25 s for 10 namespaces).
+need them, so they start in a fraction of a second (under 0.3 s for 10 namespaces).
 """
 
 from __future__ import annotations

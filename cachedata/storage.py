@@ -98,13 +98,16 @@ _SLOT_PACKERS: dict[int, struct.Struct] = {}
 SCHEMA_SUM = "schema_checksum"
 
 
+def schema_sum(schema: str) -> str:
+    """The ``SCHEMA_SUM`` attribute of a file whose schema text is ``schema``."""
+    return xxhash.xxh3_64_hexdigest(schema.encode("utf-8", "surrogatepass"))
+
+
 def schema_intact(schema: str | None, recorded: str | None) -> bool:
     """False when a file records its schema's checksum and the schema text does not match it."""
     if recorded is None:
         return True
-    return schema is not None and recorded == xxhash.xxh3_64_hexdigest(
-        schema.encode("utf-8", "surrogatepass")
-    )
+    return schema is not None and recorded == schema_sum(schema)
 
 
 def seeds(keys: Sequence[int], slot_rows: np.ndarray) -> list[int]:
@@ -301,7 +304,7 @@ def _finish(
         f.attrs["kind"] = kind
         f.attrs["namespace"] = namespace
         f.attrs["schema"] = schema
-        f.attrs[SCHEMA_SUM] = xxhash.xxh3_64_hexdigest(schema.encode("utf-8", "surrogatepass"))
+        f.attrs[SCHEMA_SUM] = schema_sum(schema)
         f.attrs["created"] = time.time()
         if kind == "merged":
             f.attrs["sources"] = json.dumps(list(sources))

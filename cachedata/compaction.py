@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 
 from . import fileset, scrub, storage
-from . import schema as schema_mod
 from .faults import CorruptFileError, TransientError, limit_hint, transient, warn_once, warn_transient
 from .payloads import Reader
 from .progress import progress_bar
@@ -77,13 +76,9 @@ def merge_files(target: Target, files: list[fileset.DataFile], *, run: str, prog
     order = sorted(files, key=lambda f: (not f.is_shard, -_generation(f.name), f.name))
     for prio, f in enumerate(order):
         try:
-            fi = storage.read_index(folder / f.name, namespace=target.fingerprint)
-            if fi.schema and schema_mod.dumps(schema_mod.load(fi.schema)) != target.schema_text:
-                raise CorruptFileError(f"{folder / f.name}: its item schema differs from the namespace's")
-            if fi.slots.shape[1] != target.nslots:
-                raise CorruptFileError(
-                    f"{folder / f.name}: {fi.slots.shape[1]} slots per item, expected {target.nslots}"
-                )
+            fi = storage.read_checked(
+                folder / f.name, namespace=target.fingerprint, schema=target.schema_text, nslots=target.nslots
+            )
         except FileNotFoundError:
             return None  # cleared meanwhile (merges never remove files they do not hold)
         except CorruptFileError as exc:
@@ -91,21 +86,20 @@ def merge_files(target: Target, files: list[fileset.DataFile], *, run: str, prog
                 warn_once("corrupt:" + f.name, folder, "cachedata: dropping unreadable cache file %s", exc)
                 malformed.add(f.name)
             continue
-        except ValueError as exc:  # a schema attribute that does not parse
-            warn_once(
-                "corrupt:" + f.name, folder, "cachedata: dropping unreadable cache file %s: %s", f.name, exc
-            )
-            malformed.add(f.name)
-            continue
         loaded.append((prio, fi))
     if not loaded:
         if malformed:
             fileset.retire(folder, malformed)
         return None
+    # The output is fsynced only when the merge retires a run. A run may already be on disk,
+    # and removing it must not leave its items only in memory. Shards were never fsynced, so
+    # a power cut loses them either way (their checksums catch what it tears). Skipping the
+    # fsync makes the explicit merge after a cold pass 1.7x faster.
+    durable = any(not fileset.SHARD_RE.match(fi.path.name) for _, fi in loaded)
     if target.compression or any(fi.compressed for _, fi in loaded):
-        outcome = _merge_decoded(target, loaded, run, progress)
+        outcome = _merge_decoded(target, loaded, run, progress, durable=durable)
     else:
-        outcome = _merge_ranges(target, loaded, run, progress)
+        outcome = _merge_ranges(target, loaded, run, progress, durable=durable)
     fileset.retire(folder, {fi.path.name for _, fi in loaded} | malformed)
     return outcome
 
@@ -128,7 +122,9 @@ def _winners(loaded: list[tuple[int, FileIndex]]) -> tuple[np.ndarray, np.ndarra
     return keys[first], src[first], rows[first]
 
 
-def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress) -> Outcome:
+def _merge_ranges(
+    target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress, *, durable: bool
+) -> Outcome:
     """Uncompressed: copy each source's live byte ranges whole and rebase the offsets."""
     keys, src, rows = _winners(loaded)
     use_map = not fileset.shared_filesystem(target.folder)
@@ -201,6 +197,7 @@ def _merge_ranges(target: Target, loaded: list[tuple[int, FileIndex]], run: str,
             total=at,
             sources=tuple(fi.path.name for _, fi in loaded),
             use_copy_file_range=storage.USE_COPY_FILE_RANGE and use_map,
+            durable=durable,
             progress=progress,
         )
     finally:
@@ -220,7 +217,9 @@ def _gather(loaded: list[tuple[int, FileIndex]], src: np.ndarray, rows: np.ndarr
     return out
 
 
-def _merge_decoded(target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress) -> Outcome:
+def _merge_decoded(
+    target: Target, loaded: list[tuple[int, FileIndex]], run: str, progress, *, durable: bool
+) -> Outcome:
     """Compressed namespaces: payloads go through h5py (decompressed, checked, recompressed)."""
     keys, src, rows = _winners(loaded)
     readers = [Reader(fi) for _, fi in loaded]
@@ -267,6 +266,7 @@ def _merge_decoded(target: Target, loaded: list[tuple[int, FileIndex]], run: str
             payloads=payloads(),
             compression=target.compression or "gzip",
             sources=tuple(fi.path.name for _, fi in loaded),
+            durable=durable,
         )
     finally:
         for r in readers:

@@ -69,7 +69,7 @@ def check_namespace(
                 out.append(FileCheck(name, 0, (), vanished=True))
             except TransientError as exc:
                 out.append(FileCheck(name, 0, (), error=f"{exc}; raise {limit_hint(exc)}"))
-            except (CorruptFileError, ValueError) as exc:
+            except CorruptFileError as exc:
                 gone = not (folder / name).exists()
                 why = f"unreadable file: {str(exc).removeprefix(f'{folder / name}: ')}"
                 out.append(FileCheck(name, 0, () if gone else ((None, why),), vanished=gone))

@@ -115,7 +115,7 @@ class Buffer:
             slots=slots,
             payloads=(e.payload for e in encs),
             compression=self.compression,
-            durable=False,  # checksums catch a shard torn by a power cut; merges are fsynced
+            durable=False,  # a power cut tears it at worst, and checksums catch that
         )
         self.clear()  # only now: a failed write keeps the items for the next try
         return fi

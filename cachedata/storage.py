@@ -43,6 +43,7 @@ import numpy as np
 import xxhash
 
 from . import fileset
+from . import schema as schema_mod
 from .faults import CorruptFileError, TransientError, transient
 
 #: The on-disk format. It is part of every namespace fingerprint, so a cache written in
@@ -171,8 +172,8 @@ def write_file(
 
     Rows must be sorted by key. ``payloads`` yields one buffer per row, or None for a row to
     leave out (its bytes failed a check while being copied). ``durable=False`` skips the
-    fsync: a shard lost in a power cut only fails its checksums and is recomputed, while a
-    merged file must be on disk before the files it replaces are removed.
+    fsync: a file lost in a power cut only fails its checksums and is recomputed. A file
+    must be durable when files that may be on disk are removed because of it.
     """
     sizes = np.asarray(sizes, np.int64)
     offsets = np.zeros(len(sizes), np.int64)
@@ -228,13 +229,15 @@ def write_merged(
     total: int,
     sources: tuple[str, ...],
     use_copy_file_range: bool,
+    durable: bool = True,
     progress=None,
 ) -> FileIndex:
     """Write an uncompressed merged file whose payload bytes come from ranges of other files.
 
     Rows (sorted by key) already carry their offsets in the new /data. Bytes move with
     ``os.copy_file_range`` (no copy through Python; the kernel may share the blocks) or, where
-    that is unavailable or unwise (network filesystems), with pread/pwrite.
+    that is unavailable or unwise (network filesystems), with pread/pwrite. ``durable``: as
+    in ``write_file``.
     """
     tmp = path.with_name(fileset.tmp_name(path.name))
     try:
@@ -251,7 +254,7 @@ def write_merged(
             os.close(fd)
         rows = _Rows(keys, offsets, sizes, checksums, slots)
         fi = _finish(tmp, path, rows, kind="merged", namespace=namespace, schema=schema, sources=sources,
-                     data_offset=data_offset, total=total, compressed=False, durable=True)  # fmt: skip
+                     data_offset=data_offset, total=total, compressed=False, durable=durable)  # fmt: skip
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -414,6 +417,23 @@ def _fsync_dir(path: Path) -> None:
 # ------------------------------------------------------------------------------ reading
 
 _COLUMNS = ("key", "offset", "size", "checksum")
+
+
+def read_checked(path: Path, *, namespace: str, schema: str, nslots: int) -> FileIndex:
+    """``read_index``, for a file about to be read or merged: CorruptFileError also when its
+    items have another structure than ``schema`` (a namespace's normalized schema text) or
+    another number of slots. A file without a schema counts as such a file: nothing says
+    how to decode its payloads."""
+    fi = read_index(path, namespace=namespace)
+    try:
+        same = schema_mod.dumps(schema_mod.load(fi.schema)) == schema
+    except ValueError as exc:
+        raise CorruptFileError(f"{path}: its item schema does not parse ({exc})") from exc
+    if not same:
+        raise CorruptFileError(f"{path}: its item schema differs from the namespace's")
+    if fi.slots.shape[1] != nslots:
+        raise CorruptFileError(f"{path}: {fi.slots.shape[1]} slots per item, expected {nslots}")
+    return fi
 
 
 def read_index(path: Path, *, namespace: str) -> FileIndex:

@@ -23,7 +23,7 @@ from . import compaction, fileset, metadata, storage
 from . import schema as schema_mod
 from .faults import CorruptFileError, TransientError, transient, warn_once, warn_transient
 from .index import Index, Segment
-from .storage import FileIndex, read_index
+from .storage import FileIndex, read_checked, read_index
 
 logger = logging.getLogger("cachedata")
 
@@ -102,14 +102,9 @@ class View:
 
     def checked_index(self, name: str) -> FileIndex:
         """A file's index, checked against the namespace's schema (CorruptFileError when it differs)."""
-        fi = read_index(self.path / name, namespace=self.fingerprint)
-        if schema_mod.dumps(schema_mod.load(fi.schema)) != self.schema_text:
-            raise CorruptFileError(f"{self.path / name}: its item schema differs from the namespace's")
-        if fi.slots.shape[1] != self.decoder.nslots:
-            raise CorruptFileError(
-                f"{self.path / name}: {fi.slots.shape[1]} slots per item, expected {self.decoder.nslots}"
-            )
-        return fi
+        return read_checked(
+            self.path / name, namespace=self.fingerprint, schema=self.schema_text, nslots=self.decoder.nslots
+        )
 
     # -- listing ------------------------------------------------------------------------------
 
@@ -165,7 +160,7 @@ class View:
             # Not corruption: the file stays, and the next refresh tries it again.
             warn_transient(self.path, exc)
             return False
-        except (CorruptFileError, ValueError) as exc:
+        except CorruptFileError as exc:
             if not (self.path / name).exists():
                 return False
             self._bad_files.add(name)

@@ -293,6 +293,38 @@ def test_explicit_merge_drops_duplicates_and_leaves_disjoint_files_alone(tmp_pat
     assert fresh.stats.misses == 0
 
 
+def test_a_merge_fsyncs_its_output_only_when_it_retires_a_run(tmp_path, monkeypatch):
+    """Shards are never fsynced, so merging them into a run need not be either. A merge that
+    removes a run (which may be on disk) makes its output durable before the rename."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    n = 90
+    ds = CachedDataset(Ragged(n), tmp_path / "c", transform=add_one)
+    ds.__getitems__(list(range(40)))
+    assert ds.merge()
+    assert not [s for s in synced if s.endswith(".h5")], synced  # shards in, no run out
+    (first,) = data_files(ds.path)
+    ds.__getitems__(list(range(40, 80)))
+    assert ds.merge()
+    assert not [s for s in synced if s.endswith(".h5")], synced  # new shards only: the first run stays
+    assert ds._store.consolidate(ds._identity(), full=True)  # `cachedata merge --full`
+    (merged,) = data_files(ds.path)
+    # The output was fsynced under its temporary name, before the rename retired the runs.
+    (out,) = [s for s in synced if s.endswith(".h5")]
+    assert out.startswith(".tmp-") and out.endswith("-" + merged), synced
+    assert first not in data_files(ds.path)
+    fresh = CachedDataset(Ragged(n), tmp_path / "c", transform=add_one)
+    for i in (0, 41, 79):
+        assert_same(fresh[i], add_one(Ragged(n)[i]))
+    assert fresh.stats.misses == 0
+
+
 def test_growth_steps_write_a_bounded_volume(tmp_path):
     """Adding 5% to a merged cache writes at most 15% of it; 20 such steps at most 3x in all."""
     n0, step, steps = 400, 20, 20

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from cachedata import CachedDataset
+from cachedata import CachedDataset, storage
 
 HERE = os.path.dirname(__file__)
 
@@ -86,6 +86,29 @@ def test_a_flipped_byte_in_the_schema_text_never_renames_keys(pristine, tmp_path
             assert_same(ds[i], want[i], f"item {i}")
     assert ds.stats.misses == 12
     assert any("schema fails its checksum" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_without_a_schema_is_refused_by_readers_and_merges_alike(tmp_path, caplog):
+    """A shard whose schema attributes are gone cannot say how to decode its payloads: readers
+    skip it, and a merge retires it instead of taking its items in (merges used to)."""
+    ds, want = _built(tmp_path, merge=False)
+    (shard,) = ds.path.glob("shard-*.h5")
+    with h5py.File(shard, "r+") as f:
+        del f.attrs["schema"], f.attrs["schema_checksum"]
+    with caplog.at_level(logging.WARNING, logger="cachedata"):
+        fresh = CachedDataset(Ragged(12), tmp_path, transform=add_one)
+        for i in range(6):
+            assert_same(fresh[i], want[i], f"item {i}")
+        assert fresh.stats.misses == 6
+        assert fresh.merge()
+    assert not shard.exists()
+    assert any("schema" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    (merged,) = ds.path.glob("merged-*.h5")  # items 6..11 of the refused shard were not taken in
+    assert storage.read_index(merged, namespace=ds.path.name).keys.tolist() == list(range(6))
+    again = CachedDataset(Ragged(12), tmp_path, transform=add_one)
+    for i in range(12):
+        assert_same(again[i], want[i], f"item {i}")
+    assert again.stats.misses == 6
 
 
 def test_truncated_file_is_detected_and_recomputed(tmp_path, caplog):

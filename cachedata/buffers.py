@@ -124,12 +124,12 @@ def empty(n: int) -> bytearray | np.ndarray:
     return bytearray(n) if n < MIN_BYTES else take(n)
 
 
-def copy(data: bytes | bytearray | memoryview) -> bytearray | np.ndarray:
+def copy(data: bytes | bytearray | memoryview | np.ndarray) -> bytearray | np.ndarray:
     """A writable copy of ``data`` (bytes-like, format "B"): recycled when large."""
     if len(data) < MIN_BYTES:
         return bytearray(data)
     out = take(len(data))
-    memoryview(out)[:] = data
+    memoryview(out)[:] = data  # type: ignore[assignment]  # (an ndarray: see storage.checksum)
     return out
 
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import buffers
 from .checks import path_str, type_name
 
 if TYPE_CHECKING:
@@ -104,29 +105,37 @@ class Encoded:
 
     schema: dict
     slots: list[int]
-    payload: bytearray
+    payload: bytearray | np.ndarray  # uint8, from ``buffers`` when large
 
 
 # ----------------------------------------------------------------------------- encoding
 
 
 def encode(item: Any) -> Encoded:
-    """Flatten ``item``; raise TypeError naming the path of a leaf that cannot be stored."""
+    """Flatten ``item``; raise TypeError naming the path of a leaf that cannot be stored.
+
+    Large payloads go into recycled buffers: a cold pass holds them until its next seal
+    and then frees them all, and fresh memory would cost a page fault per 4 KiB again for
+    every item (a 600 KB image: 320 us to copy into fresh memory, 50 us into a recycled
+    buffer).
+    """
     slots: list[int] = []
     chunks: list[tuple[memoryview, int]] = []
     schema = _flatten(item, (), slots, chunks)
     if len(chunks) == 1:  # one leaf: its bytes are the payload
-        return Encoded(schema, slots, bytearray(chunks[0][0]))
+        return Encoded(schema, slots, buffers.copy(chunks[0][0]))
     size = 0
     for c, a in chunks:
         size = _align(size, a) + c.nbytes
-    payload = bytearray(size)
+    payload = buffers.empty(size)
+    view = payload.data if isinstance(payload, np.ndarray) else memoryview(payload)
     off = 0
     for c, a in chunks:
-        off = _align(off, a)
+        start = _align(off, a)
+        view[off:start] = bytes(start - off)  # padding: zeros, not a recycled buffer's bytes
         n = c.nbytes
-        payload[off : off + n] = c
-        off += n
+        view[start : start + n] = c
+        off = start + n
     return Encoded(schema, slots, payload)
 
 

@@ -75,7 +75,9 @@ os.register_at_fork(
 USE_COPY_FILE_RANGE = hasattr(os, "copy_file_range")
 
 
-def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[int] = ()) -> int:
+def checksum(
+    key: int, payload: bytes | bytearray | memoryview | np.ndarray, slots: Sequence[int] = ()
+) -> int:
     """xxh3-64 of ``payload`` seeded with ``key`` XOR xxh3-64 of ``slots`` (as little-endian int64).
 
     Binds the bytes to the item they belong to and to the shapes they are decoded with, so
@@ -86,7 +88,8 @@ def checksum(key: int, payload: bytes | bytearray | memoryview, slots: Sequence[
         n = len(slots)
         packer = _SLOT_PACKERS.get(n) or _SLOT_PACKERS.setdefault(n, struct.Struct(f"<{n}q"))
         seed ^= xxhash.xxh3_64_intdigest(packer.pack(*slots))
-    return xxhash.xxh3_64_intdigest(payload, seed=seed)
+    # An ndarray is a buffer; numpy's stubs say so only for Python >= 3.12.
+    return xxhash.xxh3_64_intdigest(payload, seed=seed)  # type: ignore[arg-type]
 
 
 #: A compiled ``struct.Struct`` per slot count: formatting "<{n}q" anew costs every read.
@@ -163,7 +166,7 @@ def write_file(
     sizes: np.ndarray,
     checksums: np.ndarray,
     slots: np.ndarray,
-    payloads: Iterable[bytes | bytearray | memoryview | None],
+    payloads: Iterable[bytes | bytearray | memoryview | np.ndarray | None],
     compression: str | None,
     sources: tuple[str, ...] = (),
     durable: bool = True,

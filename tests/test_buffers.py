@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from cachedata import CachedDataset, buffers
+from cachedata import CachedDataset, buffers, shards
 
 N = 300_000  # bytes: above buffers.MIN_BYTES, the size the pool serves
 
@@ -192,8 +192,9 @@ def test_a_loop_that_holds_the_previous_item_recycles_the_one_before(tmp_path):
 
 
 def test_cold_misses_hand_out_recycled_copies_that_stay_intact_while_held(tmp_path):
-    """A miss returns a decoded copy of what it buffers for writing; large copies come from
-    the pool too, and the ones still held are never handed out again.
+    """A miss buffers its encoded payload for writing and returns a decoded copy of it; both
+    large buffers come from the pool, and the ones still held (the unsealed payloads, the
+    copies the caller keeps) are never handed out again.
 
     (How many of the dropped ones are handed out again depends on the pool's scan: the held
     buffers come first in their size class, so the first dropped reads get fresh memory.)"""
@@ -201,12 +202,35 @@ def test_cold_misses_hand_out_recycled_copies_that_stay_intact_while_held(tmp_pa
     want = [Images()[i] for i in range(len(ds))]
     kept = [ds[i] for i in range(0, len(ds), 2)]  # held: never recycled
     assert buffers.stats() == buffers.PoolStats(
-        len(kept) * buffers.size_class(3 * 100 * 100 * 4), len(kept), 0
+        2 * len(kept) * buffers.size_class(3 * 100 * 100 * 4), 2 * len(kept), 0
     )
     for i in range(1, len(ds), 2):
         assert torch.equal(ds[i], want[i]), f"item {i}"  # dropped at once: recycled
     after = buffers.stats()
-    assert after.fresh + after.reused == len(ds), "every copy comes from the pool"
+    assert after.fresh + after.reused == 2 * len(ds), "every payload and copy comes from the pool"
     assert after.reused > 0, "dropped copies are handed out again"
     for i, x in zip(range(0, len(ds), 2), kept):
         assert torch.equal(x, want[i]), f"item {i}"
+    ds.flush()
+    fresh = CachedDataset(Images(), tmp_path)
+    for i in range(len(ds)):
+        assert torch.equal(fresh[i], want[i]), f"item {i} as stored"
+    assert fresh.stats.misses == 0
+
+
+def test_a_cold_pass_recycles_the_payloads_of_each_sealed_shard(tmp_path, monkeypatch):
+    """Encoded payloads wait in the write buffer until the next seal, which frees them all;
+    the items after it are encoded into those buffers instead of fresh memory."""
+    monkeypatch.setattr(shards, "MAIN_SEAL", (8, 1 << 30, 3600.0))
+    ds = CachedDataset(Images(), tmp_path)
+    want = [Images()[i] for i in range(len(ds))]
+    for i in range(len(ds)):
+        assert torch.equal(ds[i], want[i]), f"item {i}"
+    st = buffers.stats()
+    # 8 payloads held until each seal, plus the copy returned for each miss (dropped at once)
+    assert st.fresh <= 24 and st.fresh + st.reused == 2 * len(ds), st
+    ds.flush()
+    fresh = CachedDataset(Images(), tmp_path)
+    for i in range(len(ds)):
+        assert torch.equal(fresh[i], want[i]), f"item {i} as stored"
+    assert fresh.stats.misses == 0

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cachedata import schema
+from cachedata import buffers, schema
 
 TORCH_DTYPES = [
     torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.bool, torch.complex64,
@@ -198,4 +198,20 @@ items = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(items)
 def test_hypothesis_roundtrip(item):
+    assert_same(roundtrip(item), item)
+
+
+def test_padding_between_leaves_is_zeros_in_a_recycled_buffer(monkeypatch):
+    """Large payloads are encoded into recycled buffers, which still hold old bytes: the gaps
+    that align each leaf are zeroed, so no stale bytes reach the cache."""
+    monkeypatch.setattr(buffers, "_pool", buffers._Pool())
+    item = {"a": np.arange(100_001, dtype=np.int64).astype(np.uint8), "b": np.arange(4, dtype=np.int64)}
+    size = 100_008 + 4 * 8
+    junk = buffers.take(size)
+    junk[:] = 0xFF
+    del junk  # idle: the next request of its size class gets it back
+    enc = schema.encode(item)
+    assert buffers.stats().reused == 1
+    raw = np.asarray(enc.payload)
+    assert len(raw) == size and not raw[100_001:100_008].any()
     assert_same(roundtrip(item), item)

@@ -134,6 +134,19 @@ class Reader:
         self.read_into(memoryview(buf), offset)
         return memoryview(buf)
 
+    def forget(self, offset: int, n: int) -> None:
+        """Unmap, in this process only, the pages of a span it has scanned (a merge's or
+        ``verify``'s check): they stay in the page cache, but a scan of a large file no longer
+        leaves all of it in this process's RSS (a cold image pass's merge: +0.9 GB)."""
+        if self._mm is None or n <= 0 or self.pid != os.getpid():
+            return
+        start = self.data_offset + offset
+        page = start - start % mmap.PAGESIZE
+        try:
+            self._mm.madvise(mmap.MADV_DONTNEED, page, start + n - page)
+        except (OSError, ValueError):
+            pass  # only a memory figure is at stake
+
     def close(self) -> None:
         """Close what this process opened; a forked child only forgets its parent's handles."""
         if self.pid == os.getpid():

@@ -170,6 +170,7 @@ def _check_group(reader: Reader, fi: FileIndex, rows: list[int]) -> list[tuple[i
             for r, off, n, want, seed in zip(rows, offsets, sizes, sums, seeds):
                 if digest(view[off - lo : off - lo + n], seed=seed) != want:
                     bad.append((r, "checksum mismatch"))
+        reader.forget(lo, hi - lo)
     except FileNotFoundError:
         raise
     except (OSError, CorruptFileError) as exc:

@@ -325,6 +325,34 @@ def test_a_merge_fsyncs_its_output_only_when_it_retires_a_run(tmp_path, monkeypa
     assert fresh.stats.misses == 0
 
 
+def _status_kib(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_a_merge_checks_its_sources_without_keeping_them_in_its_rss(tmp_path):
+    """A merge reads every source payload through a map to check its checksum; the pages it
+    has checked are unmapped again, so merging 96 MiB raises the process's peak RSS by far
+    less than that (it stays page cache either way)."""
+    items = [torch.full((1 << 18,), i, dtype=torch.float32) for i in range(96)]  # 1 MiB each
+    ds = CachedDataset(ListDataset(items), tmp_path / "c")
+    for lo in range(0, 96, 8):
+        ds.__getitems__(list(range(lo, lo + 8)))
+        ds.flush()  # 12 shards of 8 MiB, no merge yet
+    del items
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    base = _status_kib("VmHWM")
+    assert ds.merge()
+    grew = (_status_kib("VmHWM") - base) * 1024
+    assert grew < 40 << 20, f"peak RSS grew by {grew / 2**20:.0f} MiB"
+    for i in (0, 47, 95):
+        assert torch.equal(ds[i], torch.full((1 << 18,), i, dtype=torch.float32))
+    assert ds.stats.misses == 96  # only the cold reads
+
+
 def test_growth_steps_write_a_bounded_volume(tmp_path):
     """Adding 5% to a merged cache writes at most 15% of it; 20 such steps at most 3x in all."""
     n0, step, steps = 400, 20, 20
